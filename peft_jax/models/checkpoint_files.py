@@ -41,6 +41,7 @@ __all__ = [
     "read_config",
     "resolve_dtype",
     "safetensors_files",
+    "tensor_specs",
 ]
 
 CONFIG_FILE = "config.json"
@@ -218,6 +219,42 @@ def iter_tensors(path: PathLike, dtype: Any = None) -> Iterator[tuple[str, np.nd
     files = [p] if p.is_file() else safetensors_files(p)
     for file in files:
         yield from _iter_file(file, target)
+
+
+def tensor_specs(path: PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Reads only the headers: tensor name -> (shape, stored numpy dtype), in file order.
+
+    Use it to check shapes against a config before any tensor data is read.
+
+    Args:
+      path: a model directory, or a single ``.safetensors`` file.
+
+    Returns:
+      A dict of tensor name -> ``(shape, dtype)``.
+
+    Raises:
+      CheckpointError: missing files, or a truncated/corrupt header (the file is named).
+
+    Example:
+      >>> import pathlib, tempfile, numpy as np
+      >>> from safetensors.numpy import save_file
+      >>> f = pathlib.Path(tempfile.mkdtemp()) / "x.safetensors"
+      >>> save_file({"a": np.ones((2, 5), np.float32)}, str(f))
+      >>> tensor_specs(f)
+      {'a': ((2, 5), dtype('float32'))}
+    """
+    p = Path(path)
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for file in [p] if p.is_file() else safetensors_files(p):
+        try:
+            with safe_open(str(file), framework="np") as f:
+                for name in f.keys():
+                    sliced = f.get_slice(name)
+                    dtype = np.dtype(_SAFETENSORS_DTYPES.get(sliced.get_dtype(), np.uint8))
+                    specs[name] = (tuple(sliced.get_shape()), dtype)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise _corrupt(file, e) from e
+    return specs
 
 
 def load_hf_dir(path: PathLike, dtype: Any = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

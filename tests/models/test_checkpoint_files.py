@@ -100,3 +100,9 @@ def test_garbage_header(tmp_path):
 def test_bad_dtype():
     with pytest.raises(errors.CheckpointError, match="bf16"):
         cf.resolve_dtype("int8")
+
+
+def test_tensor_specs_reads_headers(tmp_path):
+    d = _write_dir(tmp_path, {"w": np.ones((4, 2), np.float32), "ids": np.arange(3)})
+    assert cf.tensor_specs(d) == {"ids": ((3,), np.dtype(np.int64)),
+                                  "w": ((4, 2), np.dtype(np.float32))}
