@@ -1,0 +1,258 @@
+"""Reference decoder-only transformer in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 3).
+
+An ordinary NNX model built from ``nnx.Linear`` and ``nnx.Embed``; its module tree mirrors HF's,
+so HF PEFT target names work unchanged: ``layers/<i>/self_attn/{q,k,v,o}_proj`` and
+``layers/<i>/mlp/{gate,up,down}_proj``. Nothing in it knows about adapters.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> cfg = DecoderConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2,
+    ...                     num_heads=4, num_kv_heads=2, head_dim=4)
+    >>> model = Decoder(cfg, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((2, 5), jnp.int32)).shape
+    (2, 5, 32)
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import Array
+
+from peft_jax.models import rope
+from peft_jax.models.decoder_attention import attend, build_attention_mask
+from peft_jax.models.decoder_cache import KVCache
+from peft_jax.models.decoder_config import DecoderConfig, reference_config
+
+__all__ = ["Decoder", "DecoderConfig", "KVCache", "RMSNorm", "reference_config"]
+
+_init = nnx.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learned ``scale``; output ``x / rms(x) * (offset + scale)``, computed in float32.
+
+    ``offset=1.0`` is Gemma's convention (weights stored as ``w`` and applied as ``1 + w``, as in
+    HF checkpoints); ``scale`` then starts at zeros, else at ones.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> RMSNorm(4)(jnp.full((1, 4), 3.0)).round(4).tolist()
+        [[1.0, 1.0, 1.0, 1.0]]
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, offset: float = 0.0,
+                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
+        init = jnp.zeros if offset else jnp.ones
+        self.scale = nnx.Param(init((dim,), param_dtype))
+        self.eps = eps
+        self.offset = offset
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...].astype(jnp.float32)
+        if self.offset:
+            scale = scale + self.offset
+        return (normed * scale).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE, optional q/k norms, biases and a KV cache."""
+
+    def __init__(self, config: DecoderConfig, layer: int, *, rngs: nnx.Rngs, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype):
+        c = config
+        lin = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_init, rngs=rngs)
+        self.q_proj = nnx.Linear(c.hidden_size, c.num_heads * c.head_dim, use_bias=c.attention_bias, **lin)
+        self.k_proj = nnx.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.attention_bias, **lin)
+        self.v_proj = nnx.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, use_bias=c.attention_bias, **lin)
+        self.o_proj = nnx.Linear(c.num_heads * c.head_dim, c.hidden_size, use_bias=c.attention_out_bias, **lin)
+        norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype)
+        self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
+        self.softcap = c.attn_logit_softcap
+
+    def __call__(self, x: Array, angles: tuple[Array, Array], mask: Array,
+                 kv: tuple[Array, Array] | None = None, offset: Array | None = None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply_rope(q, angles), rope.apply_rope(k, angles)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, offset, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, offset, 0, 0))
+            kv = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+
+
+class MLP(nnx.Module):
+    """Gated MLP: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (SwiGLU or GeGLU)."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        c = config
+        lin = dict(use_bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=_init, rngs=rngs)
+        self.gate_proj = nnx.Linear(c.hidden_size, c.intermediate_size, **lin)
+        self.up_proj = nnx.Linear(c.hidden_size, c.intermediate_size, **lin)
+        self.down_proj = nnx.Linear(c.intermediate_size, c.hidden_size, **lin)
+        self.activation = c.mlp_activation
+
+    def __call__(self, x: Array) -> Array:
+        gate = self.gate_proj(x)
+        gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block; with ``sandwich_norms`` (Gemma) sub-layer outputs are normalized too."""
+
+    def __init__(self, config: DecoderConfig, layer: int, *, rngs: nnx.Rngs, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype):
+        c = config
+        norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(c.hidden_size, **norm)
+        self.self_attn = Attention(c, layer, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        # Llama names the pre-MLP norm "post_attention_layernorm"; Gemma uses it on the attention output.
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, **norm)
+        self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
+        self.post_feedforward_layernorm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
+        self.mlp = MLP(c, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, angles, mask, kv=None, offset=None):
+        h, kv = self.self_attn(self.input_layernorm(x), angles, mask, kv, offset)
+        if self.pre_feedforward_layernorm is None:
+            x = x + h
+            return x + self.mlp(self.post_attention_layernorm(x)), kv
+        x = x + self.post_attention_layernorm(h)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
+
+
+class Decoder(nnx.Module):
+    """Decoder-only language model: ``embed_tokens``, ``layers``, ``norm``, ``lm_head`` (if untied).
+
+    Args:
+        config: The :class:`DecoderConfig`.
+        rngs: Random streams for initialization (weights are ``N(0, 0.02)``, norms neutral).
+        dtype: Compute dtype of activations.
+        param_dtype: Dtype of the parameters.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> cfg = DecoderConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
+        ...                     num_heads=2, num_kv_heads=1, head_dim=8)
+        >>> model = Decoder(cfg, rngs=nnx.Rngs(0))
+        >>> ids, mask = jnp.array([[0, 5, 6]]), jnp.array([[0, 1, 1]])
+        >>> cache = model.init_cache(1, 8)
+        >>> logits, cache = model(ids, attention_mask=mask, cache=cache)
+        >>> logits, cache = model(jnp.array([[7]]), cache=cache)
+        >>> logits.shape, int(cache.length)
+        ((1, 1, 32), 4)
+    """
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
+                 param_dtype: jnp.dtype = jnp.float32):
+        c = config
+        self.config = c
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      embedding_init=_init, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(c, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for i in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.lm_head = None if c.tie_embeddings else nnx.Linear(
+            c.hidden_size, c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=_init, rngs=rngs)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype | None = None) -> KVCache:
+        """An empty :class:`KVCache` for ``batch_size`` rows of ``max_length`` tokens in total."""
+        return KVCache.create(self.config, batch_size, max_length, dtype or self.dtype)
+
+    def embed(self, input_ids: Array) -> Array:
+        """Token embeddings ``[batch, seq, hidden]`` (times ``sqrt(hidden)`` for Gemma)."""
+        x = self.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
+        return x
+
+    def logits(self, hidden: Array) -> Array:
+        """Output logits from final (normalized) hidden states, soft-capped when configured."""
+        out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            out = jnp.tanh(out / cap) * cap
+        return out
+
+    def hidden_states(self, input_ids: Array | None = None, *, attention_mask: Array | None = None,
+                      positions: Array | None = None, cache: KVCache | None = None,
+                      inputs_embeds: Array | None = None) -> tuple[Array, KVCache | None]:
+        """Final normalized hidden states ``[batch, seq, hidden]`` and the updated cache.
+
+        Arguments are those of :meth:`__call__`.
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+        b, t = x.shape[:2]
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if cache is None:
+            offset, start, key_valid = 0, jnp.zeros((b,), jnp.int32), mask
+        else:
+            offset, start = cache.length, cache.next_position
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.length))
+        if positions is None:
+            positions = jnp.maximum(start[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        masks, tables = {}, {}
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            window = self.config.layer_window(i)
+            if window not in masks:
+                masks[window] = build_attention_mask(key_valid, q_offset=offset, q_len=t, window=window)
+            theta, scaling = self.config.layer_rope(i)
+            if (theta, scaling) not in tables:
+                inv = rope.inverse_frequencies(self.config.head_dim, theta, scaling)
+                tables[theta, scaling] = rope.rope_angles(positions, inv)
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x, kv = layer(x, tables[theta, scaling], masks[window], kv, offset)
+            if kv is not None:
+                new_keys.append(kv[0])
+                new_values.append(kv[1])
+        if cache is not None:
+            cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=key_valid,
+                            next_position=start + jnp.sum(mask, axis=1, dtype=jnp.int32),
+                            length=cache.length + t)
+        return self.norm(x), cache
+
+    def __call__(self, input_ids: Array | None = None, *, attention_mask: Array | None = None,
+                 positions: Array | None = None, cache: KVCache | None = None,
+                 inputs_embeds: Array | None = None) -> Array | tuple[Array, KVCache]:
+        """Logits for ``input_ids`` ``[batch, seq]``; with a ``cache``, also the updated cache.
+
+        Args:
+            input_ids: Token ids (int); ignored when ``inputs_embeds`` is given.
+            attention_mask: ``[batch, seq]``, 1 for real tokens, 0 for padding (left or right).
+            positions: RoPE positions ``[batch, seq]``; by default counted over real tokens only
+                (so a left-padded row starts at 0), continuing from the cache.
+            cache: A :class:`KVCache` (see :meth:`init_cache`); the new keys/values are written
+                at ``cache.length`` and attention covers the cache plus the new tokens.
+            inputs_embeds: ``[batch, seq, hidden]`` embeddings used instead of ``input_ids``
+                (no embedding scale is applied to them).
+
+        Returns:
+            ``[batch, seq, vocab]`` logits, or ``(logits, new_cache)`` when a cache is given.
+        """
+        h, new_cache = self.hidden_states(input_ids, attention_mask=attention_mask, positions=positions,
+                                          cache=cache, inputs_embeds=inputs_embeds)
+        logits = self.logits(h)
+        return logits if cache is None else (logits, new_cache)
