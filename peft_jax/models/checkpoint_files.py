@@ -91,7 +91,7 @@ def resolve_dtype(dtype: Any) -> np.dtype | None:
         resolved = np.dtype(dtype)
     except TypeError:
         resolved = None
-    if resolved is None or not np.issubdtype(resolved, np.floating):
+    if resolved is None or not _is_float(resolved):
         raise CheckpointError(
             f"cannot load weights as dtype {dtype!r}; pass one of "
             f"{sorted(set(_DTYPE_ALIASES))}, a numpy/jax floating dtype, or None to keep the "
@@ -306,6 +306,10 @@ def _check_dir(path: PathLike) -> Path:
     return directory
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype == np.dtype(ml_dtypes.bfloat16)
+
+
 def _corrupt(file: Path, e: BaseException) -> CheckpointError:
     return CheckpointError(
         f"safetensors file {file} is truncated or corrupt ({e}); re-download or re-export it"
@@ -330,7 +334,7 @@ def _read(f: Any, name: str, target: np.dtype | None) -> np.ndarray:
     sliced = f.get_slice(name)
     shape = tuple(sliced.get_shape())
     source = np.dtype(_SAFETENSORS_DTYPES.get(sliced.get_dtype(), np.uint8))
-    cast = target is not None and np.issubdtype(source, np.floating) and source != target
+    cast = target is not None and _is_float(source) and source != target
     row_bytes = source.itemsize * int(np.prod(shape[1:], dtype=np.int64))
     if not cast or not shape or row_bytes * shape[0] <= _CHUNK_BYTES:
         array = f.get_tensor(name)

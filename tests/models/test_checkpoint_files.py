@@ -106,3 +106,11 @@ def test_tensor_specs_reads_headers(tmp_path):
     d = _write_dir(tmp_path, {"w": np.ones((4, 2), np.float32), "ids": np.arange(3)})
     assert cf.tensor_specs(d) == {"ids": ((3,), np.dtype(np.int64)),
                                   "w": ((4, 2), np.dtype(np.float32))}
+
+
+def test_bf16_source_cast_to_fp32(tmp_path):
+    w = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)
+    _, got = cf.load_hf_dir(_write_dir(tmp_path, {"w": w}), np.float32)
+    assert got["w"].dtype == np.float32
+    np.testing.assert_array_equal(got["w"], w.astype(np.float32))
+    assert cf.resolve_dtype(np.dtype(ml_dtypes.bfloat16)) == ml_dtypes.bfloat16
