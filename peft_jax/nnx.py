@@ -13,7 +13,7 @@ Example:
     >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
     >>> _ = attach(model, peft_jax.LoraConfig(targets=r"layers/\\d+", rank=2), rngs=nnx.Rngs(2))
     >>> print(summary(model))
-    trainable params: 40 || all params: 98 || trainable%: 40.8163
+    trainable params: 44 || all params: 102 || trainable%: 43.1373
 """
 
 from __future__ import annotations

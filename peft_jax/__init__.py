@@ -1,0 +1,42 @@
+"""peft_jax: parameter-efficient fine-tuning for any Flax model (NNX or Linen).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import peft_jax
+    >>> model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    >>> model = peft_jax.nnx.attach(model, peft_jax.LoraConfig(targets=["0"], rank=2), rngs=nnx.Rngs(2))
+    >>> graphdef, trainable, frozen = peft_jax.nnx.split(model)
+    >>> print(peft_jax.nnx.summary(model))
+    trainable params: 32 || all params: 122 || trainable%: 26.2295
+"""
+
+from peft_jax import errors, linen, nnx
+from peft_jax.core import (
+    ParamSummary,
+    Rules,
+    combine,
+    count_params,
+    explain,
+    partition,
+    select,
+    summarize,
+    tree_paths,
+)
+from peft_jax.methods import (
+    Gaussian,
+    KaimingUniform,
+    LoraConfig,
+    OLoRA,
+    PiSSA,
+    loraplus,
+)
+from peft_jax.train import make_train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Gaussian", "KaimingUniform", "LoraConfig", "OLoRA", "ParamSummary", "PiSSA", "Rules",
+    "combine", "count_params", "errors", "explain", "linen", "loraplus", "make_train_step",
+    "nnx", "partition", "select", "summarize", "tree_paths",
+]
