@@ -28,7 +28,7 @@ from peft_jax.models.decoder_attention import attend, build_attention_mask
 from peft_jax.models.decoder_cache import KVCache
 from peft_jax.models.decoder_config import DecoderConfig, reference_config
 
-__all__ = ["Decoder", "DecoderConfig", "KVCache", "RMSNorm", "reference_config"]
+__all__ = ["Decoder", "DecoderConfig", "KVCache", "RMSNorm", "load_decoder", "reference_config"]
 
 _init = nnx.initializers.normal(stddev=0.02)
 
@@ -256,3 +256,16 @@ class Decoder(nnx.Module):
                                           cache=cache, inputs_embeds=inputs_embeds)
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
+
+
+def load_decoder(path, dtype=jnp.float32) -> tuple[Decoder, DecoderConfig]:
+    """Load a :class:`Decoder` from an HF-layout directory or a ``.gguf`` file.
+
+    See :func:`peft_jax.models.decoder_load.load_decoder` (this is the same function).
+
+    Example:
+        >>> # model, config = load_decoder("path/to/qwen2_dir", dtype=jnp.bfloat16)
+    """
+    from peft_jax.models.decoder_load import load_decoder as _load  # noqa: PLC0415 (import cycle)
+
+    return _load(path, dtype)

@@ -257,7 +257,8 @@ def _from_hf(hf: dict[str, Any]) -> DecoderConfig:
             attention_bias=bool(hf.get("attention_bias", False)),
             attention_out_bias=bool(hf.get("attention_bias", False)), qk_norm=True, norm_offset=1.0,
             embed_scale=True, sliding_window=hf.get("sliding_window", 4096), layer_types=layer_types,
-            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            # HF's Gemma 3 reads but never applies attn_logit_softcapping (Gemma 3 dropped it).
+            attn_logit_softcap=None,
             final_logit_softcap=hf.get("final_logit_softcapping"),
             query_pre_attn_scalar=None if qpas is None else float(qpas),
             mlp_activation=_activation(act, model_type), sandwich_norms=True,

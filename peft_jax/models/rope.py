@@ -27,13 +27,16 @@ class RopeScaling:
     """Frequency rescaling of RoPE (HF ``rope_scaling`` / ``rope_parameters``).
 
     Attributes:
-        kind: ``"llama3"`` (Llama 3.1 smooth interpolation) or ``"linear"`` (positions / factor).
+        kind: ``"llama3"`` (Llama 3.1 smooth interpolation), ``"linear"`` (positions / factor) or
+            ``"factors"`` (each frequency divided by its entry of ``freq_factors``, as llama.cpp
+            stores Llama 3 scaling in GGUF's ``rope_freqs`` tensor).
         factor: Scaling factor (8.0 for Llama 3.1).
         low_freq_factor: Llama 3 only: wavelengths above ``original_max_positions / low_freq_factor``
             are divided by ``factor``.
         high_freq_factor: Llama 3 only: wavelengths below ``original_max_positions / high_freq_factor``
             are left as they are; between the two bounds the result is interpolated.
         original_max_positions: Llama 3 only: context length of pre-training (8192 for Llama 3.1).
+        freq_factors: ``"factors"`` only: one divisor per frequency (``head_dim // 2`` entries).
 
     Example:
         >>> s = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -47,6 +50,7 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_positions: int = 8192
+    freq_factors: tuple[float, ...] = ()
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -68,6 +72,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
     inv = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
     if scaling is None:
         return inv
+    if scaling.kind == "factors":
+        return (inv / np.asarray(scaling.freq_factors, np.float32)).astype(np.float32)
     if scaling.kind == "linear":
         return (inv / np.float32(scaling.factor)).astype(np.float32)
     # "llama3": divide low frequencies by `factor`, keep high ones, interpolate in between.
