@@ -1,0 +1,234 @@
+"""Settings of a `peft-jax train` run: one validated dataclass, a config file, flag overrides.
+
+Precedence: the defaults below < a JSON or YAML config file < command-line flags. Keys may be
+written with ``-`` or ``_`` (``batch-size`` or ``batch_size``). Every check here is pure: nothing
+is loaded, compiled or written.
+
+Example:
+    >>> s = TrainSettings.from_sources({"rank": 4}, {"lr": 1e-3})
+    >>> s.rank, s.lr, s.model
+    (4, 0.001, 'minilm-l6')
+    >>> s.target_selector()
+    ['query', 'value']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from peft_jax import errors
+
+__all__ = ["METHODS", "TARGET_PRESETS", "TrainSettings", "load_config_file"]
+
+METHODS = ("lora",)
+# Named target sets for BERT-family encoders (peft_jax.models.encoder module names).
+TARGET_PRESETS: dict[str, list[str]] = {
+    "attention": ["query", "key", "value", "attention/output/dense"],
+    "all-linear": ["query", "key", "value", "attention/output/dense", "intermediate/dense",
+                   "output/dense"],
+}
+_REGEX_CHARS = set(".*+?()[]{}|^$\\")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Everything a training run needs to know, validated when built.
+
+    Attributes:
+        model: a registered model name (`peft_jax.models.known_names`) or an HF-layout directory.
+        data: a registered dataset name (`peft_jax.data.known_datasets`) or a JSONL directory.
+        method: the PEFT method (only ``"lora"`` for now).
+        rank, alpha, lora_dropout: LoRA hyper-parameters (scale = alpha / rank).
+        targets: comma-separated module names, a preset (`TARGET_PRESETS`), or a regex.
+        modules_to_save: modules trained fully (the classifier head).
+        steps: number of optimizer steps; ``None`` derives it from ``epochs``.
+        epochs: passes over the training set when ``steps`` is not given.
+        batch_size, lr, weight_decay, warmup: optimizer settings (AdamW, linear warmup over the
+            ``warmup`` fraction of steps, then linear decay to zero).
+        eval_every: evaluate every this many steps (``None``: once per epoch; 0: only at the end).
+        log_every: a progress line every this many steps.
+        eval_batch_size: examples per evaluation forward pass.
+        max_length: tokens per text after truncation.
+        bucket: padded lengths are multiples of this (fewer shapes = fewer compiles).
+        head_init: ``"probe"`` starts the classifier from the linear probe fit on frozen features
+            (LP-FT, Kumar et al. 2022, arXiv:2202.10054); ``"random"`` from a fresh init.
+        model_dropout: run the base model's own dropout while training.
+        seed: seeds LoRA init, the head, shuffling and dropout.
+        out: output directory (``None``: ``runs/<timestamp>``).
+        overwrite: allow ``out`` to be a non-empty directory.
+    """
+
+    model: str = "minilm-l6"
+    data: str = "fine-foods"
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    lora_dropout: float = 0.0
+    targets: str = "query,value"
+    modules_to_save: str = "classifier"
+    steps: int | None = None
+    epochs: float = 2.0
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    eval_every: int | None = None
+    log_every: int = 10
+    eval_batch_size: int = 64
+    max_length: int = 128
+    bucket: int = 32
+    head_init: str = "probe"
+    model_dropout: bool = False
+    seed: int = 0
+    out: str | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise errors.UnknownNameError(
+                f"unknown method {self.method!r}; known methods: {list(METHODS)}")
+        positive_ints = ("rank", "batch_size", "log_every", "eval_batch_size", "max_length",
+                         "bucket")
+        for name in positive_ints:
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        if self.steps is not None:
+            _check_int("steps", self.steps, minimum=1)
+        if self.eval_every is not None:
+            _check_int("eval_every", self.eval_every, minimum=0)
+        for name, low, high in (("alpha", 0.0, None), ("lr", 0.0, None), ("epochs", 0.0, None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+                raise errors.InvalidConfigError(f"{name} must be a number > {low}, got {value!r}")
+        for name in ("lora_dropout", "weight_decay", "warmup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise errors.InvalidConfigError(f"{name} must be in [0, 1), got {value!r}")
+        if self.head_init not in ("probe", "random"):
+            raise errors.InvalidConfigError(
+                f"head_init must be 'probe' or 'random', got {self.head_init!r}")
+        for name in ("model", "data", "targets", "modules_to_save"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise errors.InvalidConfigError(f"{name} must be a non-empty string")
+        for name in ("model_dropout", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise errors.InvalidConfigError(f"{name} must be true or false")
+
+    # --- derived values ---------------------------------------------------------------------
+    def target_selector(self) -> str | list[str]:
+        """``targets`` as a `peft_jax.LoraConfig` selector (a preset, a name list, or a regex)."""
+        return _selector(self.targets)
+
+    def modules_to_save_selector(self) -> str | list[str]:
+        """``modules_to_save`` as a selector."""
+        return _selector(self.modules_to_save)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-friendly dict."""
+        return dataclasses.asdict(self)
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The accepted setting names."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_sources(cls, file_values: Mapping[str, Any] | None = None,
+                     overrides: Mapping[str, Any] | None = None) -> TrainSettings:
+        """Defaults, then ``file_values`` (a config file), then ``overrides`` (flags).
+
+        ``None`` values in ``overrides`` mean "not given" and are skipped.
+
+        Raises:
+            InvalidConfigError: an unknown key or a bad value (the key is named).
+            UnknownNameError: an unknown method.
+        """
+        values: dict[str, Any] = {}
+        for source in (file_values or {}), (overrides or {}):
+            for key, value in source.items():
+                name = str(key).replace("-", "_")
+                if name not in cls.field_names():
+                    raise errors.InvalidConfigError(
+                        f"unknown setting {key!r}; known settings: {cls.field_names()}")
+                if value is None and source is overrides:
+                    continue
+                values[name] = _coerce(name, value)
+        return cls(**values)
+
+
+def _selector(text: str) -> str | list[str]:
+    if text in TARGET_PRESETS:
+        return list(TARGET_PRESETS[text])
+    if set(text) & _REGEX_CHARS:
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Accepts a YAML/JSON list for the selector fields and ints for float fields."""
+    if name in ("targets", "modules_to_save") and isinstance(value, (list, tuple)):
+        if not all(isinstance(v, str) for v in value):
+            raise errors.InvalidConfigError(f"{name} must be a list of strings, got {value!r}")
+        return ",".join(value)
+    if name in ("alpha", "lr", "epochs", "lora_dropout", "weight_decay", "warmup") and (
+            isinstance(value, int) and not isinstance(value, bool)):
+        return float(value)
+    return value
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise errors.InvalidConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a JSON (``.json``) or YAML (``.yaml`` / ``.yml``) config file into a dict.
+
+    Raises:
+        InvalidConfigError: no such file, an unknown extension, a parse error, or not a mapping.
+        MissingPackageError: a YAML file without PyYAML installed.
+
+    Example:
+        >>> import json, pathlib, tempfile
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "run.json"
+        >>> _ = p.write_text(json.dumps({"rank": 4, "targets": ["query", "value"]}))
+        >>> load_config_file(p)
+        {'rank': 4, 'targets': ['query', 'value']}
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise errors.InvalidConfigError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json":
+        try:
+            values = json.loads(text)
+        except ValueError as e:
+            raise errors.InvalidConfigError(f"config file {path} is not valid JSON: {e}") from e
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml  # noqa: PLC0415 (optional dependency)
+        except ImportError as e:
+            raise errors.MissingPackageError(
+                "reading a YAML config needs PyYAML: pip install pyyaml (or use a .json file)"
+            ) from e
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise errors.InvalidConfigError(f"config file {path} is not valid YAML: {e}") from e
+    else:
+        raise errors.InvalidConfigError(
+            f"config file {path} must end in .json, .yaml or .yml, not {suffix!r}")
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise errors.InvalidConfigError(
+            f"config file {path} must hold a mapping of setting names to values, got "
+            f"{type(values).__name__}")
+    return values
