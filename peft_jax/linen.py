@@ -27,6 +27,7 @@ import zlib
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 from flax.core import meta
 
@@ -205,7 +206,8 @@ class Peft:
                 if residual is not None:
                     params = _nested_set(params, kernel_path, residual)
             for path in self._saved_paths(adapter):
-                lora = _nested_set(lora, f"{path}/{_SAVED}/{adapter.name}", _nested_get(params, path))
+                copy = jax.tree.map(lambda x: jnp.array(x, copy=True), _nested_get(params, path))
+                lora = _nested_set(lora, f"{path}/{_SAVED}/{adapter.name}", copy)
         return {**variables, "params": params, COLLECTION: lora}
 
     # -- running ----------------------------------------------------------------------------------

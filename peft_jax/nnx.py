@@ -162,7 +162,7 @@ class ModulesToSave(nnx.Module):
     def __init__(self, original: nnx.Module):
         self.original_module = original
         self.trained = nnx.Dict()
-        self.active = nnx.data(None)
+        self.active: str | None = None  # static: which trained copy runs (None: the original)
 
     def __call__(self, *args, **kwargs):
         module = self.original_module if self.active is None else self.trained[self.active]
@@ -203,12 +203,15 @@ def _replace(model: nnx.Module, path: str, new: nnx.Module) -> None:
         setattr(parent, key, new)
 
 
-def _retag(module: nnx.Module, old: type, new: type) -> None:
-    """Turns every ``old`` variable (exactly that type) inside ``module`` into a ``new`` one."""
+def _retag(module: nnx.Module, old: type, new: type, *, copy: bool = False) -> None:
+    """Turns every ``old`` variable (exactly that type) inside ``module`` into a ``new`` one.
+
+    With ``copy`` the arrays get their own buffers, so donating one copy never frees the other.
+    """
     for _, sub in nnx.iter_modules(module):
         for name, value in list(vars(sub).items()):
             if type(value) is old:
-                setattr(sub, name, new(value[...]))
+                setattr(sub, name, new(jnp.array(value[...], copy=True) if copy else value[...]))
 
 
 def _adapted_layers(model: nnx.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -267,7 +270,7 @@ def attach(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, name: str =
         module = by_path[path]
         wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
         trained = nnx.clone(wrapper.original_module)
-        _retag(trained, nnx.Param, TrainedParam)
+        _retag(trained, nnx.Param, TrainedParam, copy=True)
         wrapper.trained[name] = trained
         wrapper.active = name
         _replace(model, path, wrapper)
@@ -393,14 +396,25 @@ def summary(model: nnx.Module) -> ParamSummary:
 def make_loss(graphdef: nnx.GraphDef, model_loss: Callable[..., Any]) -> Callable[..., Any]:
     """Turns ``model_loss(model, batch)`` into ``loss(trainable, frozen, batch)`` for `make_train_step`.
 
-    If ``batch`` holds ``"dropout_rng"``, the model's dropout streams are reseeded from it, so each
-    step draws fresh masks even though the RNG state travels in ``frozen``.
+    Adapters with dropout that are in training mode draw their masks from ``batch["dropout_rng"]``
+    (a fresh key each step), since RNG state carried in ``frozen`` cannot advance inside the step.
+
+    Example:
+        >>> # step = make_train_step(make_loss(graphdef, lambda m, b: mse(m(b["x"]), b["y"])), tx)
     """
 
     def loss(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
-        if isinstance(batch, dict) and "dropout_rng" in batch:
-            nnx.reseed(model, dropout=batch["dropout_rng"])
+        noisy = [a for _, layer in _adapted_layers(model) for a in layer._live()
+                 if a.settings.dropout > 0 and not a.deterministic]
+        if noisy:
+            if not (isinstance(batch, dict) and "dropout_rng" in batch):
+                raise errors.BatchError(
+                    "the model has adapters with dropout in training mode, so each batch needs a "
+                    "fresh key: batch['dropout_rng'] = jax.random.fold_in(key, step) (or call "
+                    "model.eval() to train without dropout)")
+            for i, adapter in enumerate(noisy):
+                adapter.rngs = nnx.Rngs(dropout=jax.random.fold_in(batch["dropout_rng"], i))["dropout"]
         return model_loss(model, batch)
 
     return loss

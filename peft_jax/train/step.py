@@ -52,7 +52,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     def step(trainable, opt_state, frozen, batch):
         value, grads = grad_fn(trainable, frozen, batch)
         loss, aux = value if has_aux else (value, {})
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        # optax mixes int step counts with floats; keep users' strict dtype promotion working.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, {"loss": loss, **aux}
 
