@@ -37,6 +37,8 @@ from peft_jax.models.registry import (
 from peft_jax.models.tokenizer import TextTokenizer, load_tokenizer
 
 __all__ = [
+    "Decoder",
+    "DecoderConfig",
     "Encoder",
     "EncoderConfig",
     "EncoderForSequenceClassification",
@@ -47,7 +49,9 @@ __all__ = [
     "iter_tensors",
     "known_names",
     "load",
+    "load_decoder",
     "load_encoder",
+    "load_gguf_decoder",
     "load_hf_dir",
     "load_tokenizer",
     "pool",
@@ -64,11 +68,13 @@ def load(name_or_path: str | os.PathLike, dtype: Any = None, **kwargs: Any) -> A
 
     Encoders (BERT family) go to :func:`load_encoder`; decoders to
     ``peft_jax.models.decoder.load_decoder`` (HF directories) or
-    ``peft_jax.models.gguf.load_gguf_decoder`` (GGUF files).
+    ``peft_jax.models.gguf.load_gguf_decoder`` (GGUF files). Either way the model alone is
+    returned; its config is ``model.config``.
 
     Args:
       name_or_path: e.g. ``"minilm-l6"``, ``"smollm2-135m"``, or a path.
-      dtype: parameter dtype ("float32", "bfloat16", ...); ``None`` keeps the stored one.
+      dtype: parameter dtype ("float32", "bfloat16", ...); ``None`` keeps the stored one
+        (float32 for GGUF).
       **kwargs: passed to the loader (``num_labels=2`` for an encoder classifier, ...).
 
     Returns:
@@ -84,9 +90,21 @@ def load(name_or_path: str | os.PathLike, dtype: Any = None, **kwargs: Any) -> A
     if ckpt.family == "encoder":
         return load_encoder(ckpt.path, dtype, **kwargs)
     if ckpt.kind == "gguf":
-        from peft_jax.models.gguf import load_gguf_decoder  # noqa: PLC0415 (optional, heavy)
+        from peft_jax.models.gguf import load_gguf_decoder as loader  # noqa: PLC0415 (lazy)
+    else:
+        from peft_jax.models.decoder import load_decoder as loader  # noqa: PLC0415 (lazy)
+    loaded = loader(ckpt.path, dtype=dtype, **kwargs)
+    return loaded[0] if isinstance(loaded, tuple) else loaded
 
-        return load_gguf_decoder(ckpt.path, dtype=dtype, **kwargs)
-    from peft_jax.models.decoder import load_decoder  # noqa: PLC0415
 
-    return load_decoder(ckpt.path, dtype=dtype, **kwargs)
+# Decoder names are re-exported lazily: importing peft_jax.models stays light and independent.
+_LAZY = {"Decoder": "peft_jax.models.decoder", "DecoderConfig": "peft_jax.models.decoder_config",
+         "load_decoder": "peft_jax.models.decoder", "load_gguf_decoder": "peft_jax.models.gguf"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib  # noqa: PLC0415
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'peft_jax.models' has no attribute {name!r}")

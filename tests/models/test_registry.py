@@ -114,3 +114,20 @@ def test_minilm_resolves_and_loads_without_importing_package():
     batch = tok.encode(["hello world"], max_length=8)
     assert batch["input_ids"].tolist() == [[101, 7592, 2088, 102, 0, 0, 0, 0]]
     assert batch["attention_mask"].dtype == np.int32
+
+
+def test_load_dispatches_decoders_and_unwraps(monkeypatch, tmp_path):
+    import peft_jax.models.decoder as decoder_mod
+    import peft_jax.models.gguf as gguf_mod
+
+    calls = []
+    monkeypatch.setattr(decoder_mod, "load_decoder",
+                        lambda p, dtype=None: calls.append(("hf", p, dtype)) or ("dec", "cfg"))
+    monkeypatch.setattr(gguf_mod, "load_gguf_decoder",
+                        lambda p, dtype=None: calls.append(("gguf", p, dtype)) or ("gg", "cfg"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"GGUF")
+    assert models.load(tmp_path, "bfloat16") == "dec"
+    assert models.load(g) == "gg"
+    assert calls == [("hf", tmp_path, "bfloat16"), ("gguf", g, None)]
