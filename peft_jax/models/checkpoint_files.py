@@ -49,7 +49,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 # Floating tensors bigger than this are cast in row chunks of about this many bytes.
-_CHUNK_BYTES = 64 * 1024 * 1024
+_CHUNK_BYTES = 16 * 1024 * 1024
 
 _DTYPE_ALIASES = {
     "fp32": np.float32,
@@ -342,7 +342,8 @@ def _read(f: Any, name: str, target: np.dtype | None) -> np.ndarray:
     out = np.empty(shape, target)
     rows = max(1, _CHUNK_BYTES // max(row_bytes, 1))
     for start in range(0, shape[0], rows):
-        out[start:start + rows] = sliced[start:start + rows]
+        stop = min(start + rows, shape[0])  # safetensors slices do not clamp
+        out[start:stop] = sliced[start:stop]
     return out
 
 

@@ -26,7 +26,7 @@ def test_single_file_roundtrip(tmp_path):
     assert got["ids"].dtype == np.int64
 
 
-@pytest.mark.parametrize("chunk", [None, 8])
+@pytest.mark.parametrize("chunk", [None, 8, 48])  # 48 B = 3 rows of 4 fp32: 10 = 3+3+3+1
 def test_bf16_cast_keeps_integers(tmp_path, monkeypatch, chunk):
     if chunk:  # force the row-chunked cast path
         monkeypatch.setattr(cf, "_CHUNK_BYTES", chunk)
@@ -114,3 +114,21 @@ def test_bf16_source_cast_to_fp32(tmp_path):
     assert got["w"].dtype == np.float32
     np.testing.assert_array_equal(got["w"], w.astype(np.float32))
     assert cf.resolve_dtype(np.dtype(ml_dtypes.bfloat16)) == ml_dtypes.bfloat16
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_peak_host_memory_under_twice_the_model(tmp_path, dtype):
+    import tracemalloc
+
+    tensors = {"emb": np.ones((6000, 1024), np.float32),  # 24 MB: cast in row chunks
+               **{f"l{i}": np.ones((1024, 1024), np.float32) for i in range(4)}}
+    d = _write_dir(tmp_path, tensors)
+    del tensors
+    tracemalloc.start()
+    try:
+        _, got = cf.load_hf_dir(d, dtype)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = sum(a.nbytes for a in got.values())
+    assert peak < 2 * size, (peak / 2**20, size / 2**20)
