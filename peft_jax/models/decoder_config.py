@@ -233,7 +233,8 @@ def _from_hf(hf: dict[str, Any]) -> DecoderConfig:
         )
     except KeyError as e:
         raise InvalidConfigError(f"{model_type} config.json lacks required key {e.args[0]!r}") from None
-    act = hf.get("hidden_act", hf.get("hidden_activation", "silu"))
+    default_act = "gelu_pytorch_tanh" if model_type == "gemma3_text" else "silu"
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or default_act
     rope_params = hf.get("rope_parameters") or hf.get("rope_scaling")
 
     if model_type == "gemma3_text":
