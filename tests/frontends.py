@@ -126,9 +126,10 @@ class LinenHarness:
         self.enabled = True
 
     def attach(self, config, name="default"):
-        self.peft = (peft_jax.linen.attach(self.module, config, name) if self.peft is None
-                     else self.peft.attach(config, name))
-        self.variables = self.peft.init(jax.random.key(1), self.variables, batch()["ids"])
+        peft = (peft_jax.linen.attach(self.module, config, name) if self.peft is None
+                else self.peft.attach(config, name))
+        self.variables = peft.init(jax.random.key(1), self.variables, batch()["ids"])
+        self.peft = peft
         if config.dropout > 0:
             self.rngs = {"dropout": jax.random.key(2)}
 
