@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -165,8 +166,10 @@ def build_decoder(config: DecoderConfig, tensors: Iterable[tuple[str, np.ndarray
             raise CheckpointError(
                 f"{source}: tensor {name!r} has shape {array.shape}, expected "
                 f"{want[::-1] if transposed else want} from the config")
-        var.set_value(jnp.asarray(array.T if transposed else array, dtype=dtype))
-        del array
+        host = np.ascontiguousarray(array.T if transposed else array, dtype=np.dtype(dtype))
+        del array  # one host copy alive at a time; device_put copies once (jnp.asarray may twice)
+        var.set_value(jax.device_put(host))
+        del host
         filled.add(name)
     missing = [n for n in targets if n not in filled]
     if missing:

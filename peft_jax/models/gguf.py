@@ -1,6 +1,7 @@
-"""Load a reference decoder from a llama.cpp GGUF file (via PyPI ``gguf``), and read its metadata.
+"""Load a reference decoder from a llama.cpp GGUF file, and read its metadata and tokenizer.
 
-Quantized tensors are dequantized one at a time (``gguf.quants.dequantize``) and converted to the
+The header is parsed by :mod:`peft_jax.models.decoder_gguf_file`; quantized tensors are
+dequantized one at a time, in row chunks (PyPI ``gguf``'s ``gguf.quants.dequantize``) and converted to the
 HF layout the decoder uses: llama.cpp's Q/K row permutation of ``llama`` models is undone and
 Gemma's norm weights, stored as ``1 + w``, are brought back to HF's ``w``. Hyperparameters come
 from the GGUF metadata; :func:`gguf_tokenizer_info` exposes the tokenizer vocabulary, merges,
@@ -21,19 +22,18 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax.errors import CheckpointError, MissingPackageError, UnsupportedArchitectureError
+from peft_jax.errors import CheckpointError, UnsupportedArchitectureError
 from peft_jax.models.decoder import Decoder
 from peft_jax.models.decoder_config import FULL, SLIDING, DecoderConfig
+from peft_jax.models.decoder_gguf_file import GGUFFile
 from peft_jax.models.decoder_load import abstract_decoder, build_decoder, check_shapes
 from peft_jax.models.rope import RopeScaling
 
@@ -59,22 +59,12 @@ _TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def _gguf_module():
-    try:
-        import gguf  # noqa: PLC0415 (optional dependency)
-    except ImportError as e:
-        raise MissingPackageError(
-            "reading GGUF files needs the PyPI package gguf: pip install 'gguf>=0.10' "
-            "(or pip install 'peft-jax[models]')") from e
-    return gguf
-
-
-def open_gguf(path: str | os.PathLike):
-    """Open a GGUF file (memory-mapped) as a ``gguf.GGUFReader``.
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse the header of a GGUF file (metadata and tensor directory; no tensor data is read).
 
     Raises:
         CheckpointError: The file is missing, not GGUF, truncated or corrupt.
-        MissingPackageError: PyPI ``gguf`` is not installed.
+        MissingPackageError: PyPI ``gguf`` (used for its quantization tables) is not installed.
 
     Example:
         >>> open_gguf("/nonexistent.gguf")
@@ -82,49 +72,20 @@ def open_gguf(path: str | os.PathLike):
         ...
         peft_jax.errors.CheckpointError: GGUF file /nonexistent.gguf does not exist; pass the path of a .gguf file
     """
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"GGUF file {p} does not exist; pass the path of a .gguf file")
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise CheckpointError(f"{p} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    stat = p.stat()
-    return _open_cached(str(p.resolve()), stat.st_mtime_ns, stat.st_size)
+    return GGUFFile.open(path)
 
 
-@functools.lru_cache(maxsize=2)
-def _open_cached(path: str, mtime_ns: int, size: int):
-    """Parsing the metadata is slow (seconds for a 50k-token vocabulary), so keep the last readers."""
-    p = Path(path)
-    gguf = _gguf_module()
-    try:
-        reader = gguf.GGUFReader(str(p))
-    except Exception as e:  # gguf raises ValueError/IndexError/struct errors on short files
-        raise CheckpointError(
-            f"GGUF file {p} is truncated or corrupt ({type(e).__name__}: {e}); re-download or "
-            "re-install the package that ships it") from e
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(
-                f"GGUF file {p} is truncated: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} "
-                f"but the file has {size} bytes; re-download it")
-    return reader
+def _file(path_or_file: Any) -> GGUFFile:
+    return path_or_file if isinstance(path_or_file, GGUFFile) else open_gguf(path_or_file)
 
 
-def _value(reader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def gguf_metadata(path_or_reader: Any) -> dict[str, Any]:
-    """All metadata key/values of a GGUF file as Python values (big arrays included).
+def gguf_metadata(path_or_file: Any) -> dict[str, Any]:
+    """All metadata key/values of a GGUF file (arrays as numpy arrays or lists of ``str``).
 
     Example:
-        >>> # meta = gguf_metadata(path); meta["general.architecture"]
+        >>> # gguf_metadata(path)["general.architecture"]
     """
-    reader = open_gguf(path_or_reader) if isinstance(path_or_reader, (str, os.PathLike)) else path_or_reader
-    return {key: field.contents() for key, field in reader.fields.items()}
+    return dict(_file(path_or_file).metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +126,7 @@ class GGUFTokenizerInfo:
     chat_template: str | None = None
 
 
-def gguf_tokenizer_info(path_or_reader: Any) -> GGUFTokenizerInfo:
+def gguf_tokenizer_info(path_or_file: Any) -> GGUFTokenizerInfo:
     """Read the tokenizer metadata of a GGUF file.
 
     Raises:
@@ -174,24 +135,25 @@ def gguf_tokenizer_info(path_or_reader: Any) -> GGUFTokenizerInfo:
     Example:
         >>> # info = gguf_tokenizer_info(path); info.tokens[info.eos_token_id]
     """
-    reader = open_gguf(path_or_reader) if isinstance(path_or_reader, (str, os.PathLike)) else path_or_reader
-    tokens = _value(reader, "tokenizer.ggml.tokens")
+    meta = _file(path_or_file).metadata
+    tokens = meta.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise CheckpointError("this GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
-    g = lambda k, d=None: _value(reader, "tokenizer.ggml." + k, d)  # noqa: E731
+    g = lambda k, d=None: meta.get("tokenizer.ggml." + k, d)  # noqa: E731
     return GGUFTokenizerInfo(
         model=g("model", "gpt2"), pre=g("pre"), tokens=tuple(tokens),
-        token_types=tuple(g("token_type", ())), merges=tuple(g("merges", ())),
-        scores=tuple(g("scores", ())), bos_token_id=g("bos_token_id"), eos_token_id=g("eos_token_id"),
-        unknown_token_id=g("unknown_token_id"), padding_token_id=g("padding_token_id"),
-        eot_token_id=g("eot_token_id"), add_bos_token=g("add_bos_token"),
-        add_eos_token=g("add_eos_token"), add_space_prefix=g("add_space_prefix"),
-        chat_template=_value(reader, "tokenizer.chat_template"),
+        token_types=tuple(int(t) for t in g("token_type", ())), merges=tuple(g("merges", ())),
+        scores=tuple(float(x) for x in g("scores", ())), bos_token_id=g("bos_token_id"),
+        eos_token_id=g("eos_token_id"), unknown_token_id=g("unknown_token_id"),
+        padding_token_id=g("padding_token_id"), eot_token_id=g("eot_token_id"),
+        add_bos_token=g("add_bos_token"), add_eos_token=g("add_eos_token"),
+        add_space_prefix=g("add_space_prefix"), chat_template=meta.get("tokenizer.chat_template"),
     )
 
 
 def _uniform(value: Any, key: str) -> Any:
-    if isinstance(value, list):
+    if isinstance(value, (list, np.ndarray)):
+        value = [v.item() if hasattr(v, "item") else v for v in value]
         if len(set(value)) != 1:
             raise UnsupportedArchitectureError(f"GGUF {key} varies per layer ({value}); not supported")
         return value[0]
@@ -210,7 +172,7 @@ def _hf_name(name: str, arch: str) -> str | None:
     return None if module is None else f"model.layers.{layer}.{module}.{leaf}"
 
 
-def gguf_config(reader) -> DecoderConfig:
+def gguf_config(path_or_file: Any) -> DecoderConfig:
     """The :class:`DecoderConfig` described by a GGUF file's metadata and tensor names.
 
     Raises:
@@ -220,13 +182,15 @@ def gguf_config(reader) -> DecoderConfig:
     Example:
         >>> # gguf_config(open_gguf(path)).hidden_size
     """
-    arch = _value(reader, "general.architecture")
+    file = _file(path_or_file)
+    meta = file.metadata
+    arch = meta.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"GGUF architecture {arch!r} is not supported by the reference decoder; supported: "
             f"{', '.join(SUPPORTED_GGUF_ARCHITECTURES)}")
-    key = lambda k, d=None: _uniform(_value(reader, f"{arch}.{k}", d), f"{arch}.{k}")  # noqa: E731
-    names = {t.name: t for t in reader.tensors}
+    key = lambda k, d=None: _uniform(meta.get(f"{arch}.{k}", d), f"{arch}.{k}")  # noqa: E731
+    names = file.tensors
     if "token_embd.weight" not in names:
         raise CheckpointError("GGUF file has no token_embd.weight tensor; it is not a decoder checkpoint")
     hidden = int(key("embedding_length"))
@@ -238,10 +202,10 @@ def gguf_config(reader) -> DecoderConfig:
             f"GGUF {arch}: partial rotary embeddings (rope.dimension_count {rope_dims} < head_dim "
             f"{head_dim}) are not supported")
     layers = int(key("block_count"))
-    tok = lambda k: _value(reader, f"tokenizer.ggml.{k}")  # noqa: E731
+    tok = lambda k: meta.get(f"tokenizer.ggml.{k}")  # noqa: E731
     eos = [t for t in (tok("eos_token_id"), tok("eot_token_id")) if t is not None]
     common = dict(
-        vocab_size=int(names["token_embd.weight"].shape[1]), hidden_size=hidden,
+        vocab_size=int(names["token_embd.weight"].shape[0]), hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")), num_layers=layers, num_heads=heads,
         num_kv_heads=int(key("attention.head_count_kv") or heads), head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
@@ -251,17 +215,17 @@ def gguf_config(reader) -> DecoderConfig:
         attention_bias="blk.0.attn_q.bias" in names, attention_out_bias="blk.0.attn_output.bias" in names,
         mlp_bias="blk.0.ffn_up.bias" in names, qk_norm="blk.0.attn_q_norm.weight" in names,
     )
-    scaling = _gguf_rope_scaling(reader, arch, names)
+    scaling = _gguf_rope_scaling(file, arch)
     if arch != "gemma3":
         return DecoderConfig(**common, rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=scaling)
-    pattern = _value(reader, f"{arch}.attention.sliding_window_pattern", 6)
-    if isinstance(pattern, list):  # per layer: True = sliding
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 6)
+    if isinstance(pattern, (list, np.ndarray)):  # per layer: True = sliding
         layer_types = tuple(SLIDING if p else FULL for p in pattern)
     else:
         layer_types = tuple(SLIDING if (i + 1) % int(pattern) else FULL for i in range(layers))
     # llama.cpp scales queries by 1/sqrt(hidden/heads) for Gemma 3 27B (62 layers), else 1/sqrt(head_dim).
     qpas = hidden / heads if layers == 62 else head_dim
-    cap = _value(reader, f"{arch}.final_logit_softcapping")
+    cap = meta.get(f"{arch}.final_logit_softcapping")
     return DecoderConfig(
         **common, rope_theta=float(key("rope.freq_base", 1_000_000.0)), rope_scaling=scaling,
         rope_local_theta=10_000.0, norm_offset=1.0, embed_scale=True,
@@ -271,15 +235,16 @@ def gguf_config(reader) -> DecoderConfig:
     )
 
 
-def _gguf_rope_scaling(reader, arch: str, names: dict) -> RopeScaling | None:
-    kind = _value(reader, f"{arch}.rope.scaling.type")
-    if "rope_freqs.weight" in names:  # llama.cpp's Llama 3 scaling: per-frequency divisors
-        factors = np.asarray(names["rope_freqs.weight"].data, np.float32).reshape(-1)
+def _gguf_rope_scaling(file: GGUFFile, arch: str) -> RopeScaling | None:
+    kind = file.metadata.get(f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in file.tensors:  # llama.cpp's Llama 3 scaling: per-frequency divisors
+        factors = file.read("rope_freqs.weight", np.float32).reshape(-1)
         return RopeScaling("factors", factor=1.0, freq_factors=tuple(float(f) for f in factors))
     if kind in (None, "none"):
         return None
     if kind == "linear":
-        return RopeScaling("linear", factor=float(_value(reader, f"{arch}.rope.scaling.factor", 1.0)))
+        factor = float(file.metadata.get(f"{arch}.rope.scaling.factor", 1.0))
+        return RopeScaling("linear", factor=factor)
     raise UnsupportedArchitectureError(
         f"GGUF {arch}: rope scaling type {kind!r} is not supported (supported: none, linear, llama3)")
 
@@ -291,22 +256,23 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def _hf_tensors(reader, arch: str, config: DecoderConfig, target: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
-    gguf = _gguf_module()
-    for t in reader.tensors:
+def _hf_tensors(file: GGUFFile, arch: str, config: DecoderConfig,
+                target: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+    for t in file.tensors.values():
         name = _hf_name(t.name, arch)
         if name is None:
             continue
-        shape = tuple(int(s) for s in t.shape[::-1])
-        array = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
-        if arch == "llama" and ".q_proj." in name:
-            array = _unpermute(array, config.num_heads)
-        elif arch == "llama" and ".k_proj." in name:
-            array = _unpermute(array, config.num_kv_heads)
-        if arch == "gemma3" and name.endswith("norm.weight"):
+        unpermute = arch == "llama" and (".q_proj." in name or ".k_proj." in name)
+        gemma_norm = arch == "gemma3" and name.endswith("norm.weight")
+        if not (unpermute or gemma_norm):
+            yield name, file.read(t.name, target)  # dequantized in chunks straight into target
+            continue
+        array = file.read(t.name, np.float32)
+        if unpermute:
+            array = _unpermute(array, config.num_heads if ".q_proj." in name else config.num_kv_heads)
+        if gemma_norm:
             array = array - np.float32(1.0)
         yield name, array.astype(target, copy=False)
-        del array
 
 
 def load_gguf_decoder(path: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[Decoder, DecoderConfig]:
@@ -331,18 +297,18 @@ def load_gguf_decoder(path: str | os.PathLike, dtype: Any = jnp.float32) -> tupl
     from peft_jax.models.checkpoint_files import resolve_dtype  # noqa: PLC0415
 
     target = resolve_dtype(dtype) or np.dtype(np.float32)
-    reader = open_gguf(path)
-    arch = _value(reader, "general.architecture")
-    config = gguf_config(reader)
+    file = open_gguf(path)
+    arch = file.metadata.get("general.architecture")
+    config = gguf_config(file)
     found = {}
-    for t in reader.tensors:
+    for t in file.tensors.values():
         name = _hf_name(t.name, arch)
         if name is None and t.name != "rope_freqs.weight":
             raise CheckpointError(f"{path}: unexpected GGUF tensor {t.name!r} for architecture {arch!r}")
         if name is not None:
-            found[name] = tuple(int(s) for s in t.shape[::-1])
+            found[name] = t.shape
     model = abstract_decoder(config, jnp.dtype(target))
     check_shapes(config, found, str(path), model)
-    model = build_decoder(config, _hf_tensors(reader, arch, config, target), dtype=jnp.dtype(target),
+    model = build_decoder(config, _hf_tensors(file, arch, config, target), dtype=jnp.dtype(target),
                           source=str(path), model=model)
     return model, config
