@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from flops import compare  # noqa: E402
+from reference_steps import compare  # noqa: E402
 
 from peft_jax.models.decoder_config import reference_config  # noqa: E402
 

@@ -1,8 +1,10 @@
-"""Shared by the FLOPs benchmark and its test: one compiled LM step, full fine-tuning vs LoRA."""
+"""One training step of the reference decoder, full fine-tuning or LoRA: shared by the benchmarks
+(`bench_flops.py`, `bench_step.py`, `bench_memory.py`) and `tests/test_flops.py`."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,27 +19,52 @@ from peft_jax.train import causal_lm_loss, compiled_flops, make_train_step
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@dataclasses.dataclass
+class ReferenceStep:
+    """A compiled-ready step and its inputs: ``step(trainable, opt_state, frozen, batch)``."""
+
+    step: Any
+    trainable: Any
+    opt_state: Any
+    frozen: Any
+    batch: dict
+
+    def run(self) -> jax.Array:
+        """One step; keeps the new params / state so repeated calls keep training."""
+        self.trainable, self.opt_state, metrics = self.step(self.trainable, self.opt_state,
+                                                            self.frozen, self.batch)
+        return metrics["loss"]
+
+
 def _lm_loss(model, batch):
     return causal_lm_loss(model(batch["input_ids"]), batch["input_ids"])
 
 
-def step_flops(config: DecoderConfig, *, batch: int, seq: int, lora_rank: int | None) -> dict:
-    """Compiles one AdamW step (full when ``lora_rank`` is None) and returns its XLA FLOPs."""
-    model = Decoder(config, rngs=nnx.Rngs(0))
+def build(config: DecoderConfig, *, batch: int, seq: int, lora_rank: int | None,
+          seed: int = 0) -> ReferenceStep:
+    """AdamW on every param (``lora_rank=None``) or on LoRA factors of all seven linears."""
+    model = Decoder(config, rngs=nnx.Rngs(seed))
     if lora_rank is not None:
         cfg = peft_jax.LoraConfig(targets=LLAMA_LINEARS, rank=lora_rank, alpha=2.0 * lora_rank)
-        peft_jax.nnx.attach(model, cfg, rngs=nnx.Rngs(1))
+        peft_jax.nnx.attach(model, cfg, rngs=nnx.Rngs(seed + 1))
         graphdef, trainable, frozen = peft_jax.nnx.split(model)
     else:
         graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
     tx = optax.adamw(1e-4)
     step = make_train_step(peft_jax.nnx.make_loss(graphdef, _lm_loss), tx)
-    ids = jnp.zeros((batch, seq), jnp.int32)
-    flops = compiled_flops(step, trainable, tx.init(trainable), frozen, {"input_ids": ids})
-    return {"flops": flops, "trainable_params": peft_jax.count_params(trainable)}
+    ids = jax.random.randint(jax.random.key(seed), (batch, seq), 0, config.vocab_size, jnp.int32)
+    return ReferenceStep(step, trainable, tx.init(trainable), frozen, {"input_ids": ids})
+
+
+def step_flops(config: DecoderConfig, *, batch: int, seq: int, lora_rank: int | None) -> dict:
+    """XLA's FLOPs for one compiled step, and the trainable parameter count."""
+    ref = build(config, batch=batch, seq=seq, lora_rank=lora_rank)
+    flops = compiled_flops(ref.step, ref.trainable, ref.opt_state, ref.frozen, ref.batch)
+    return {"flops": flops, "trainable_params": peft_jax.count_params(ref.trainable)}
 
 
 def compare(config: DecoderConfig, *, batch: int, seq: int, rank: int = 8) -> dict:
+    """Full fine-tuning vs LoRA FLOPs of one step."""
     full = step_flops(config, batch=batch, seq=seq, lora_rank=None)
     lora = step_flops(config, batch=batch, seq=seq, lora_rank=rank)
     return {

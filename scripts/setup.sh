@@ -17,6 +17,6 @@ fi
 if [ "${1:-}" = "test" ] && [ ! -f .venv/.peft_jax_test ]; then
   $PIP install -e ".[test]"
   # Cross-checks against transformers: torch pinned to its CPU build (never an unpinned torch).
-  $PIP install "torch==2.13.0" transformers
+  $PIP install "torch==2.13.0" transformers peft
   touch .venv/.peft_jax_test
 fi

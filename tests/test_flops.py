@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 
-from flops import compare  # noqa: E402
+from reference_steps import compare  # noqa: E402
 
 from peft_jax.models.decoder_config import DecoderConfig  # noqa: E402
 
