@@ -1,0 +1,128 @@
+"""Frozen-prefix caching for encoder classifiers: run the frozen lower layers once, not per step.
+
+When adapters sit only on layers ``>= depth`` of a BERT-family encoder, the embeddings and layers
+``0 .. depth-1`` are frozen and untouched by the adapters, so their output for an example never
+changes during training. `encode_prefix` computes it once per example; `suffix_logits` runs the
+rest of the model (layers ``depth ..``, pooling, classifier) on it. A training step then costs the
+forward and backward of the upper layers only, with exactly the same math as the full model
+(dropout aside: the cached prefix is computed without it).
+
+Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> from peft_jax.models import EncoderConfig, EncoderForSequenceClassification
+    >>> cfg = EncoderConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2,
+    ...                     num_attention_heads=2, intermediate_size=16)
+    >>> m = EncoderForSequenceClassification(cfg, num_labels=2, rngs=nnx.Rngs(0))
+    >>> ids, mask = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)
+    >>> h = encode_prefix(m, ids, mask, depth=1)
+    >>> bool(jnp.allclose(suffix_logits(m, h, mask, depth=1), m(ids, mask), atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from peft_jax.errors import InvalidConfigError
+from peft_jax.models.encoder import pool
+
+__all__ = ["cache_prefix", "encode_prefix", "frozen_depth", "suffix_logits"]
+
+_LAYER = re.compile(r"(?:^|/)encoder/layer/(\d+)/")
+
+
+def _layers(model: Any) -> Any:
+    return model.backbone.encoder.layer
+
+
+def frozen_depth(model: Any, trainable_paths: Iterable[str]) -> int:
+    """How many bottom layers hold no trainable parameter (0 if the embeddings train).
+
+    Args:
+        model: an `peft_jax.models.EncoderForSequenceClassification` (adapters attached).
+        trainable_paths: "/"-joined paths of the trainable leaves.
+
+    Example:
+        >>> frozen_depth(m, ["bert/encoder/layer/4/attention/self/query/adapters/default/lora_a",
+        ...                  "classifier/trained/default/kernel"])  # doctest: +SKIP
+        4
+    """
+    depth = len(_layers(model))
+    for path in trainable_paths:
+        hit = _LAYER.search(path)
+        if hit:
+            depth = min(depth, int(hit.group(1)))
+        elif "/embeddings/" in f"/{path}":
+            return 0
+    return depth
+
+
+def encode_prefix(model: Any, input_ids: jax.Array, attention_mask: jax.Array, depth: int,
+                  token_type_ids: jax.Array | None = None) -> jax.Array:
+    """Embeddings and layers ``0 .. depth-1``: ``float[B, T, H]`` hidden states (no dropout)."""
+    backbone = model.backbone
+    if not 0 <= depth <= len(_layers(model)):
+        raise InvalidConfigError(f"depth must be in 0..{len(_layers(model))}, got {depth}")
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
+    h = backbone.embeddings(input_ids, token_type_ids, backbone.position_ids(input_ids))
+    mask = attention_mask.astype(bool)
+    for layer in list(_layers(model))[:depth]:
+        h = layer(h, mask)
+    return h
+
+
+def suffix_logits(model: Any, hidden: jax.Array, attention_mask: jax.Array, depth: int, *,
+                  dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Layers ``depth ..``, pooling and the classifier on prefix states: ``[B, num_labels]``."""
+    if model.pooling == "pooler":
+        raise InvalidConfigError("prefix caching supports pooling 'mean' or 'cls', not 'pooler'")
+    layers = list(_layers(model))[depth:]
+    keys = [None] * (len(layers) + 1) if dropout_rng is None else list(
+        jax.random.split(dropout_rng, len(layers) + 1))
+    mask = attention_mask.astype(bool)
+    h = hidden
+    for layer, key in zip(layers, keys[:-1]):
+        h = layer(h, mask, key)
+    feats = pool(h, attention_mask, model.pooling)
+    if keys[-1] is not None:
+        feats = model.dropout(feats, deterministic=False, rngs=keys[-1])
+    return model.classifier(feats)
+
+
+def cache_prefix(model: Any, arrays: dict[str, np.ndarray], depth: int, *,
+                 batch_size: int = 64) -> np.ndarray:
+    """Runs `encode_prefix` over every example: ``float32[N, L, H]`` (padding rows are zero).
+
+    Batches are sorted by length and trimmed to their longest example, so short texts cost little.
+    The parameters enter the jitted function as arguments, never as constants.
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, ids, mask):
+        return encode_prefix(nnx.merge(graphdef, state), ids, mask, depth)
+
+    ids, mask = np.asarray(arrays["input_ids"]), np.asarray(arrays["attention_mask"])
+    n, full = ids.shape
+    hidden = model.backbone.config.hidden_size
+    out = np.zeros((n, full, hidden), np.float32)
+    lengths = mask.sum(axis=1)
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, n, batch_size):
+        rows = order[start:start + batch_size]
+        width = int(min(full, -(-max(int(lengths[rows].max()), 1) // 32) * 32))
+        pad = batch_size - len(rows)
+        b_ids = np.pad(ids[rows, :width], ((0, pad), (0, 0)))
+        b_mask = np.pad(mask[rows, :width], ((0, pad), (0, 0)))
+        h = np.asarray(run(state, jnp.asarray(b_ids), jnp.asarray(b_mask)))[: len(rows)]
+        out[rows, :width] = h * b_mask[: len(rows), :, None]
+    return out
