@@ -85,3 +85,30 @@ def test_logits_and_greedy_continuation_match_transformers(path, loaded):
     got = generate(model, ids, mask, max_new_tokens=new, stop_tokens=())
     np.testing.assert_array_equal(np.asarray(got.tokens), hf_out)
     assert "Paris" in tok.decode(hf_out[0])
+
+
+_MEMORY_PROBE = """
+import sys, jax, jax.numpy as jnp
+from flax import nnx
+jnp.zeros(1).block_until_ready()
+from peft_jax.models.decoder_load import load_decoder
+def kib(field):
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])
+base = kib("VmRSS")
+model, _ = load_decoder(sys.argv[1], dtype=jnp.dtype(sys.argv[2]))
+size = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model))) / 1024
+print((kib("VmHWM") - base) / size)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_peak_host_memory_while_loading_is_under_twice_the_model(path, dtype):
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux /proc to read peak RSS")
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, path, dtype], capture_output=True,
+                         text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    ratio = float(out.stdout.strip().splitlines()[-1])
+    assert ratio < 2.0, ratio
