@@ -167,7 +167,9 @@ def init_opt_state(optimizer: optax.GradientTransformation, trainable: Any,
     inner = optimizer.init(trainable)
     if not options.counts_steps:
         return inner
-    return StepState(jnp.zeros((), jnp.int32), options.dropout_key, inner)
+    # A copy: the step donates its state, which must not delete the caller's key.
+    key = None if options.dropout_key is None else jnp.array(options.dropout_key, copy=True)
+    return StepState(jnp.zeros((), jnp.int32), key, inner)
 
 
 def _split_micro(batch: Any, k: int) -> tuple[Any, Callable[[Any], Any]]:
@@ -225,7 +227,8 @@ def _grads_accumulated(grad_fn, trainable, frozen, batch, k: int):
 
 
 def _injected_lr(state: Any) -> jax.Array | None:
-    is_hp = lambda x: isinstance(x, optax.InjectHyperparamsState)  # noqa: E731
+    # optax.inject_hyperparams states (stateless and stateful variants) carry a hyperparams dict.
+    is_hp = lambda x: isinstance(getattr(x, "hyperparams", None), dict)  # noqa: E731
     for node in jax.tree.leaves(state, is_leaf=is_hp):
         if is_hp(node) and "learning_rate" in node.hyperparams:
             return jnp.asarray(node.hyperparams["learning_rate"], jnp.float32)
