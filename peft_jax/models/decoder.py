@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
+from peft_jax.errors import InvalidConfigError
 from peft_jax.models import rope
 from peft_jax.models.decoder_attention import attend, build_attention_mask
 from peft_jax.models.decoder_cache import KVCache
@@ -139,6 +140,17 @@ class DecoderLayer(nnx.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
 
 
+def _check_room(cache: KVCache, new_tokens: int) -> None:
+    """Fail early (outside jit, where the length is known) instead of silently clamping writes."""
+    if isinstance(cache.length, jax.core.Tracer):
+        return
+    if int(cache.length) + new_tokens > cache.max_length:
+        raise InvalidConfigError(
+            f"the KV cache holds {cache.max_length} tokens and already has {int(cache.length)}; "
+            f"{new_tokens} more do not fit. Create it with init_cache(batch, max_length) large enough "
+            "for the prompt plus every generated token")
+
+
 class Decoder(nnx.Module):
     """Decoder-only language model: ``embed_tokens``, ``layers``, ``norm``, ``lm_head`` (if untied).
 
@@ -209,10 +221,15 @@ class Decoder(nnx.Module):
         if cache is None:
             offset, start, key_valid = 0, jnp.zeros((b,), jnp.int32), mask
         else:
+            _check_room(cache, t)
             offset, start = cache.length, cache.next_position
             key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.length))
         if positions is None:
             positions = jnp.maximum(start[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+            next_position = start + jnp.sum(mask, axis=1, dtype=jnp.int32)
+        else:
+            positions = jnp.asarray(positions, jnp.int32)
+            next_position = positions[:, -1] + 1
         masks, tables = {}, {}
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
@@ -230,8 +247,7 @@ class Decoder(nnx.Module):
                 new_values.append(kv[1])
         if cache is not None:
             cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=key_valid,
-                            next_position=start + jnp.sum(mask, axis=1, dtype=jnp.int32),
-                            length=cache.length + t)
+                            next_position=next_position, length=cache.length + t)
         return self.norm(x), cache
 
     def __call__(self, input_ids: Array | None = None, *, attention_mask: Array | None = None,

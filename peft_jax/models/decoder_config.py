@@ -215,9 +215,13 @@ def _from_hf(hf: dict[str, Any]) -> DecoderConfig:
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         arch = model_type or (hf.get("architectures") or ["<no model_type>"])[0]
+        hint = ""
+        if model_type == "gemma3" and "text_config" in hf:
+            hint = ("; this is the multimodal Gemma 3 checkpoint: use a text-only (gemma3_text) "
+                    "checkpoint or its GGUF")
         raise UnsupportedArchitectureError(
             f"architecture {arch!r} is not supported by the reference decoder; supported model_type "
-            f"values: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"values: {', '.join(SUPPORTED_MODEL_TYPES)}{hint}"
         )
     try:
         heads = int(hf["num_attention_heads"])

@@ -136,6 +136,13 @@ def test_kv_cache_step_by_step_equals_full_forward(kw):
     assert cache.next_position.tolist() == mask.sum(1).tolist()
 
 
+def test_cache_overflow_is_a_typed_error():
+    model = dec.Decoder(_small(), rngs=nnx.Rngs(0))
+    _, cache = model(jnp.ones((1, 3), jnp.int32), cache=model.init_cache(1, 4))
+    with pytest.raises(errors.InvalidConfigError, match="KV cache holds 4 tokens"):
+        model(jnp.ones((1, 2), jnp.int32), cache=cache)
+
+
 def test_default_positions_count_real_tokens_only():
     model = dec.Decoder(_small(), rngs=nnx.Rngs(0))
     ids, mask = _batch(np.random.default_rng(0))
