@@ -147,6 +147,16 @@ class DecoderConfig:
         return self.rope_theta, self.rope_scaling
 
     @classmethod
+    def reference(cls) -> DecoderConfig:
+        """Same as :func:`reference_config` (the benchmark model).
+
+        Example:
+            >>> DecoderConfig.reference().num_layers
+            8
+        """
+        return reference_config()
+
+    @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> DecoderConfig:
         """Build a config from an HF ``config.json`` dict.
 
