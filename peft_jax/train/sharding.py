@@ -275,9 +275,9 @@ class ShardedStep:
         """Checks ``batch`` and puts it on the mesh (assembling per-process slices on many hosts)."""
         self.check_batch(batch)
         shardings = self.batch_shardings(batch)
-        if jax.process_count() > 1:
-            return jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x)),
-                                shardings, batch)
+        if jax.process_count() > 1:  # each process holds its rows; 0-d leaves are the same everywhere
+            return jax.tree.map(lambda s, x: jax.make_array_from_process_local_data(s, np.asarray(x))
+                                if np.ndim(x) else jax.device_put(x, s), shardings, batch)
         return jax.device_put(batch, shardings)
 
     def _compiled_for(self, batch: Any):

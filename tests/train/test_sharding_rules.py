@@ -131,3 +131,38 @@ def test_pmap_reduces_only_trainable_gradients_and_replicates_round_trip():
     assert hlo.count('"stablehlo.all_reduce"') == 2
     t, _, m = step(t, replicate(step.init(trainable)), f, shard_batch({"x": jnp.ones((8, 4))}))
     assert jnp.allclose(unreplicate(t)["d"], t["d"][7])  # every device applied the same update
+
+
+def test_options_compose_with_mesh_and_pmap():
+    """accumulate + clip + lr schedule give the single-device numbers on a mesh and under pmap."""
+
+    def loss(t, f, b):
+        return jnp.mean((jnp.tanh(b["x"] @ (f["w"] + t["a"] @ t["b"])) - b["y"]) ** 2)
+
+    k = jax.random.split(jax.random.key(0), 5)
+    trainable = {"a": jax.random.normal(k[0], (8, 2)), "b": jax.random.normal(k[1], (2, 8))}
+    frozen = {"w": jax.random.normal(k[2], (8, 8))}
+    batch = {"x": jax.random.normal(k[3], (16, 8)), "y": jax.random.normal(k[4], (16, 8))}
+    sched = optax.linear_schedule(0.1, 0.01, 4)
+    opts = dict(accumulate=2, clip_norm=0.5, lr_schedule=sched)
+
+    def run(step, t, f, b, put=lambda x: x, get=lambda x: x):
+        t = jax.tree.map(jnp.copy, t)  # the steps donate their params
+        s = put(step.init(t))
+        t = put(t)
+        for _ in range(2):
+            t, s, m = step(t, s, f, b)
+        return get(t), float(get(m)["lr"])
+
+    from peft_jax.train import make_train_step
+    single = run(make_train_step(loss, optax.sgd(sched), **opts), trainable, frozen, batch)
+    mesh_step = make_sharded_train_step(loss, optax.sgd(sched), make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+                                        trainable, frozen, **opts)
+    t, f = mesh_step.place(trainable, frozen)
+    meshed = run(mesh_step, t, f, batch)
+    pmapped = run(make_pmap_train_step(loss, optax.sgd(sched), **opts), trainable, replicate(frozen),
+                  shard_batch(batch), put=replicate, get=unreplicate)
+    for other in (meshed, pmapped):
+        assert other[1] == pytest.approx(single[1])
+        for x, y in zip(jax.tree.leaves(other[0]), jax.tree.leaves(single[0])):
+            assert float(jnp.max(jnp.abs(x - y))) <= 1e-5
