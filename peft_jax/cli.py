@@ -37,6 +37,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add("--lora-dropout", type=float, help="dropout on the LoRA input")
     add("--targets", help="comma-separated module names, a preset (attention, all-linear) or a "
                           "regex on '/'-joined module paths")
+    add("--layers", help="adapt only these encoder layers, e.g. 3-5 or 0,2 (default: all)")
     add("--modules-to-save", help="modules trained fully (default: classifier)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, help="optimizer steps", default=argparse.SUPPRESS)
@@ -56,6 +57,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="start the classifier from the linear probe (LP-FT) or at random")
     add("--model-dropout", action=argparse.BooleanOptionalAction,
         help="run the base model's dropout while training")
+    add("--cache-prefix", action=argparse.BooleanOptionalAction,
+        help="when only upper layers are adapted, run the frozen lower layers once and train "
+             "from their cached output (default: on)")
     add("--seed", type=int)
     add("--out", metavar="DIR", help="output directory (default: runs/<timestamp>)")
     add("--overwrite", action="store_true", help="allow a non-empty --out directory")

@@ -75,6 +75,21 @@ def test_adapter_files(trained):
     assert b and any(np.abs(v).max() > 0 for v in b)  # trained away from the zero init
 
 
+def test_prefix_cache_path(tmp_path, model_dir, data_dir, capsys):
+    """Adapters on the top layer only: the frozen bottom layer is cached, same outputs."""
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(model_dir), "--data", str(data_dir), "--layers", "1",
+            "--steps", "4", "--eval-every", "0", "--out", str(out), *FAST]
+    assert cli.main(argv) == 0
+    assert "cached the frozen embeddings + layers 0..0" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["prefix_cache_depth"] == 1
+    params, config = io.load_adapter(out / "adapter")
+    assert all("layer/0/" not in k for k in params)
+    assert any("layer/1/attention/self/value" in k for k in params)
+    assert "layer/(1)/" in config["target_modules"]
+
+
 def _assert_nothing_written(tmp_path, out):
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name != "cfg.yaml"] == []
@@ -86,6 +101,7 @@ def _assert_nothing_written(tmp_path, out):
     ("--method", "prefix", r"known methods: \['lora'\]"),
     ("--targets", "nonexistent_layer", "matched none"),
     ("--rank", "0", "rank"),
+    ("--layers", "x-y", "layers must be"),
 ])
 def test_bad_input_writes_nothing(tmp_path, capsys, model_dir, data_dir, flag, value, match):
     out = tmp_path / "out"

@@ -1,7 +1,10 @@
-"""Sequence classification: the loss of a classifier model and its evaluation over a test set.
+"""Sequence classification: forward paths, the loss, evaluation, and frozen pooled features.
 
-The model is any NNX module called as ``model(input_ids, attention_mask, token_type_ids,
-dropout_rng=...) -> logits[B, C]`` (e.g. `peft_jax.models.EncoderForSequenceClassification`).
+A *forward* says how a batch reaches the logits. `FullForward` runs the whole model on token
+ids: ``model(input_ids, attention_mask, token_type_ids, dropout_rng=...)`` (any NNX classifier
+with that call, e.g. `peft_jax.models.EncoderForSequenceClassification`).
+`peft_jax.train.prefix_cache.PrefixForward` starts from cached hidden states of the frozen lower
+layers instead. The loss and the evaluation take either.
 
 Example:
     >>> import jax.numpy as jnp
@@ -17,76 +20,120 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
+from peft_jax import nnx as peft_nnx
 from peft_jax.errors import BatchError
+from peft_jax.models.encoder import pool
 from peft_jax.train.buckets import sorted_eval_batches
 from peft_jax.train.parts import ModelParts
 
-__all__ = ["REQUIRED_FIELDS", "classification_loss", "make_classification_eval"]
+__all__ = ["Forward", "FullForward", "classification_loss", "frozen_features",
+           "make_classification_eval", "make_classification_loss"]
 
-REQUIRED_FIELDS = ("input_ids", "attention_mask", "labels")
+
+class Forward(Protocol):
+    """How a batch becomes logits (and, for baselines, pooled features)."""
+
+    fields: tuple[str, ...]
+
+    def logits(self, model: Any, batch: Mapping[str, Any], dropout_rng: Any = None) -> jax.Array:
+        ...
+
+    def features(self, model: Any, batch: Mapping[str, Any]) -> jax.Array:
+        ...
 
 
-def _check(batch: Mapping[str, Any]) -> None:
-    missing = [k for k in REQUIRED_FIELDS if k not in batch]
+@dataclasses.dataclass(frozen=True)
+class FullForward:
+    """The whole classifier on token ids (``input_ids``, ``attention_mask``)."""
+
+    fields: tuple[str, ...] = ("input_ids", "attention_mask")
+
+    def logits(self, model: Any, batch: Mapping[str, Any], dropout_rng: Any = None) -> jax.Array:
+        return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                     dropout_rng=dropout_rng)
+
+    def features(self, model: Any, batch: Mapping[str, Any]) -> jax.Array:
+        """What the classifier head sees: the backbone's pooled states (no dropout)."""
+        out = model.backbone(batch["input_ids"], batch["attention_mask"],
+                             batch.get("token_type_ids"))
+        if model.pooling == "pooler":
+            return out.pooler_output
+        return pool(out.last_hidden_state, batch["attention_mask"], model.pooling)
+
+
+def _check(batch: Mapping[str, Any], forward: Forward) -> None:
+    needed = (*forward.fields, "labels")
+    missing = [k for k in needed if k not in batch]
     if missing:
         raise BatchError(
             f"the batch lacks {missing} (it has {sorted(batch)}); a classification batch needs "
-            f"{list(REQUIRED_FIELDS)}, e.g. from peft_jax.data.tokenize_examples")
+            f"{list(needed)}, e.g. from peft_jax.data.tokenize_examples")
 
 
-def _logits(model: Any, batch: Mapping[str, Any]) -> jax.Array:
-    return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                 dropout_rng=batch.get("dropout_rng")).astype(jnp.float32)
+def make_classification_loss(forward: Forward = FullForward(), *, model_dropout: bool = False
+                             ) -> Callable[[Any, Mapping[str, Any]], Any]:
+    """``model_loss(model, batch) -> (mean cross-entropy, {"accuracy": ...})``.
 
+    Args:
+        forward: how the batch reaches the logits.
+        model_dropout: pass the batch's ``"dropout_rng"`` (added per step by
+            `peft_jax.train.fit`) to the model, turning its own dropout on.
 
-def classification_loss(model: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean cross-entropy and accuracy of a batch, as ``(loss, {"accuracy": acc})``.
-
-    A ``"dropout_rng"`` entry (added per step by `peft_jax.train.fit`) turns the model's dropout on.
-
-    Raises:
-        BatchError: a required field is missing (raised while tracing, before any compile).
+    The returned function raises `BatchError` for a missing field while tracing, before any
+    compile.
     """
-    _check(batch)
-    logits = _logits(model, batch)
-    labels = batch["labels"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-    return loss, {"accuracy": accuracy}
+
+    def model_loss(model: Any, batch: Mapping[str, Any]):
+        _check(batch, forward)
+        rng = batch.get("dropout_rng") if model_dropout else None
+        logits = forward.logits(model, batch, rng).astype(jnp.float32)
+        labels = batch["labels"]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return loss, {"accuracy": accuracy}
+
+    return model_loss
+
+
+classification_loss = make_classification_loss()
 
 
 def make_classification_eval(parts: ModelParts, frozen: Any, arrays: Mapping[str, np.ndarray],
-                             *, batch_size: int = 64, bucket: int = 32
-                             ) -> Callable[[Any], dict[str, float]]:
+                             *, forward: Forward = FullForward(), batch_size: int = 64,
+                             bucket: int = 32) -> Callable[[Any], dict[str, float]]:
     """Builds ``evaluate(trainable) -> {"loss", "accuracy"}`` over every example of ``arrays``.
 
     Examples are sorted by length and batched with `sorted_eval_batches`; the forward pass is
     jitted with the parameters as arguments (no dropout).
 
     Args:
-        parts: the model's `ModelParts`.
+        parts: the model's `ModelParts` (split in evaluation mode).
         frozen: the frozen state to evaluate with.
-        arrays: ``input_ids``, ``attention_mask``, ``labels`` (``int[N, L]`` / ``int[N]``).
+        arrays: the forward's fields and ``labels``.
+        forward: how a batch reaches the logits.
         batch_size: examples per forward pass.
         bucket: padded widths are multiples of this.
 
     Raises:
         BatchError: a required field is missing.
     """
-    _check(arrays)
+    _check(arrays, forward)
+    arrays = {k: arrays[k] for k in (*forward.fields, "labels")}
     count = len(arrays["labels"])
 
     @jax.jit
     def sums(trainable, frozen, batch):
-        logits = _logits(parts.merge(trainable, frozen), batch)
+        logits = forward.logits(parts.merge(trainable, frozen), batch).astype(jnp.float32)
         weight = batch["valid"].astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
         correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
@@ -102,3 +149,33 @@ def make_classification_eval(parts: ModelParts, frozen: Any, arrays: Mapping[str
         return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1)}
 
     return evaluate
+
+
+def frozen_features(model: nnx.Module, arrays: Mapping[str, np.ndarray], *,
+                    forward: Forward = FullForward(), batch_size: int = 64, bucket: int = 32
+                    ) -> np.ndarray:
+    """The classifier head's input features with every adapter off: ``float32[N, hidden]``.
+
+    These are the base model's features, used for the linear-probe baseline and for
+    `peft_jax.train.head_init`. The parameters enter the jitted function as arguments.
+    """
+    missing = [k for k in forward.fields if k not in arrays]
+    if missing:
+        raise BatchError(f"feature extraction needs {list(forward.fields)}; missing {missing}")
+    arrays = {k: arrays[k] for k in forward.fields}
+    with peft_nnx.disabled(model):
+        graphdef, state, static = nnx.split(model, nnx.Variable, ...)
+
+    @jax.jit
+    def run(state, batch):
+        return forward.features(nnx.merge(graphdef, state, static), batch).astype(jnp.float32)
+
+    n = len(arrays["attention_mask"])
+    out = None
+    for batch in sorted_eval_batches(arrays, batch_size, bucket=bucket):
+        rows, valid = batch.pop("index"), batch.pop("valid")
+        feats = np.asarray(run(state, batch))
+        if out is None:
+            out = np.zeros((n, feats.shape[-1]), np.float32)
+        out[rows[valid]] = feats[valid]
+    return out

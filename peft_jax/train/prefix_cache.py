@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -33,8 +34,10 @@ from flax import nnx
 
 from peft_jax.errors import InvalidConfigError
 from peft_jax.models.encoder import pool
+from peft_jax.train.buckets import sorted_eval_batches
 
-__all__ = ["cache_prefix", "encode_prefix", "frozen_depth", "suffix_logits"]
+__all__ = ["PrefixForward", "cache_prefix", "encode_prefix", "frozen_depth", "suffix_features",
+           "suffix_logits"]
 
 _LAYER = re.compile(r"(?:^|/)encoder/layer/(\d+)/")
 
@@ -80,49 +83,70 @@ def encode_prefix(model: Any, input_ids: jax.Array, attention_mask: jax.Array, d
     return h
 
 
-def suffix_logits(model: Any, hidden: jax.Array, attention_mask: jax.Array, depth: int, *,
-                  dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Layers ``depth ..``, pooling and the classifier on prefix states: ``[B, num_labels]``."""
+def suffix_features(model: Any, hidden: jax.Array, attention_mask: jax.Array, depth: int, *,
+                    dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Layers ``depth ..`` and pooling on prefix states: the head's input ``[B, hidden]``."""
     if model.pooling == "pooler":
         raise InvalidConfigError("prefix caching supports pooling 'mean' or 'cls', not 'pooler'")
     layers = list(_layers(model))[depth:]
-    keys = [None] * (len(layers) + 1) if dropout_rng is None else list(
-        jax.random.split(dropout_rng, len(layers) + 1))
+    keys = [None] * len(layers) if dropout_rng is None else list(
+        jax.random.split(dropout_rng, len(layers)))
     mask = attention_mask.astype(bool)
     h = hidden
-    for layer, key in zip(layers, keys[:-1]):
+    for layer, key in zip(layers, keys):
         h = layer(h, mask, key)
-    feats = pool(h, attention_mask, model.pooling)
-    if keys[-1] is not None:
-        feats = model.dropout(feats, deterministic=False, rngs=keys[-1])
+    return pool(h, attention_mask, model.pooling)
+
+
+def suffix_logits(model: Any, hidden: jax.Array, attention_mask: jax.Array, depth: int, *,
+                  dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Layers ``depth ..``, pooling and the classifier on prefix states: ``[B, num_labels]``."""
+    k_layers, k_head = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    feats = suffix_features(model, hidden, attention_mask, depth, dropout_rng=k_layers)
+    if k_head is not None:
+        feats = model.dropout(feats, deterministic=False, rngs=k_head)
     return model.classifier(feats)
 
 
+@dataclasses.dataclass(frozen=True)
+class PrefixForward:
+    """A `peft_jax.train.classify.Forward` from cached prefix states (``hidden``) at ``depth``."""
+
+    depth: int
+    fields: tuple[str, ...] = ("hidden", "attention_mask")
+
+    def logits(self, model: Any, batch: Any, dropout_rng: Any = None) -> jax.Array:
+        return suffix_logits(model, batch["hidden"], batch["attention_mask"], self.depth,
+                             dropout_rng=dropout_rng)
+
+    def features(self, model: Any, batch: Any) -> jax.Array:
+        return suffix_features(model, batch["hidden"], batch["attention_mask"], self.depth)
+
+
 def cache_prefix(model: Any, arrays: dict[str, np.ndarray], depth: int, *,
-                 batch_size: int = 64) -> np.ndarray:
+                 batch_size: int = 64, bucket: int = 32) -> np.ndarray:
     """Runs `encode_prefix` over every example: ``float32[N, L, H]`` (padding rows are zero).
 
     Batches are sorted by length and trimmed to their longest example, so short texts cost little.
     The parameters enter the jitted function as arguments, never as constants.
+
+    Example:
+        >>> hidden = cache_prefix(model, {"input_ids": ids, "attention_mask": mask}, depth=3)  # doctest: +SKIP
     """
-    graphdef, state = nnx.split(model)
+    graphdef, state, static = nnx.split(model, nnx.Variable, ...)
 
     @jax.jit
-    def run(state, ids, mask):
-        return encode_prefix(nnx.merge(graphdef, state), ids, mask, depth)
+    def run(state, batch):
+        model = nnx.merge(graphdef, state, static)
+        return encode_prefix(model, batch["input_ids"], batch["attention_mask"], depth)
 
     ids, mask = np.asarray(arrays["input_ids"]), np.asarray(arrays["attention_mask"])
     n, full = ids.shape
-    hidden = model.backbone.config.hidden_size
-    out = np.zeros((n, full, hidden), np.float32)
-    lengths = mask.sum(axis=1)
-    order = np.argsort(-lengths, kind="stable")
-    for start in range(0, n, batch_size):
-        rows = order[start:start + batch_size]
-        width = int(min(full, -(-max(int(lengths[rows].max()), 1) // 32) * 32))
-        pad = batch_size - len(rows)
-        b_ids = np.pad(ids[rows, :width], ((0, pad), (0, 0)))
-        b_mask = np.pad(mask[rows, :width], ((0, pad), (0, 0)))
-        h = np.asarray(run(state, jnp.asarray(b_ids), jnp.asarray(b_mask)))[: len(rows)]
-        out[rows, :width] = h * b_mask[: len(rows), :, None]
+    out = np.zeros((n, full, model.backbone.config.hidden_size), np.float32)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    for batch in sorted_eval_batches(inputs, batch_size, bucket=bucket):
+        rows, valid = batch.pop("index"), batch.pop("valid")
+        hidden = np.asarray(run(state, batch))
+        width = hidden.shape[1]
+        out[rows[valid], :width] = hidden[valid] * batch["attention_mask"][valid][..., None]
     return out

@@ -33,19 +33,28 @@ from flax import nnx
 from peft_jax import data, errors, io, models
 from peft_jax import nnx as peft_nnx
 from peft_jax.methods import LoraConfig
-from peft_jax.train.baselines import frozen_baselines
+from peft_jax.core.paths import tree_items
+from peft_jax.train.baselines import baselines
 from peft_jax.train.buckets import LengthBucketedBatches
-from peft_jax.train.classify import classification_loss, make_classification_eval
+from peft_jax.train.classify import (
+    Forward,
+    FullForward,
+    frozen_features,
+    make_classification_eval,
+    make_classification_loss,
+)
 from peft_jax.train.fit import fit
 from peft_jax.train.head_init import fit_linear_head
 from peft_jax.train.metrics import MetricsLog, plot_metrics
 from peft_jax.train.parts import split_model
+from peft_jax.train.prefix_cache import PrefixForward, cache_prefix, frozen_depth
 from peft_jax.train.settings import TrainSettings
 from peft_jax.train.step import make_train_step
 
 __all__ = ["Prepared", "prepare", "run"]
 
 ADAPTER_NAME = "default"
+CACHE_LIMIT_BYTES = 4 * 2**30  # cached prefix states beyond this: recompute them every step
 
 
 @dataclasses.dataclass
@@ -110,6 +119,31 @@ def _init_head(model: Any, kernel: np.ndarray, bias: np.ndarray) -> None:
     head.bias[...] = bias.astype(head.bias[...].dtype)
 
 
+def _inputs(model: Any, parts: Any, settings: TrainSettings, train_arrays: dict,
+            test_arrays: dict, say: Callable[[str], None]) -> tuple[Forward, dict, dict]:
+    """The forward path and the arrays it reads: cached prefix states when that pays off."""
+    depth = frozen_depth(model, [p for p, _ in tree_items(parts.trainable)])
+    n, length = train_arrays["input_ids"].shape
+    cache_bytes = 4 * (n + len(test_arrays["input_ids"])) * length * \
+        model.backbone.config.hidden_size
+    if not settings.cache_prefix or depth == 0:
+        return FullForward(), train_arrays, test_arrays
+    if cache_bytes > CACHE_LIMIT_BYTES:
+        say(f"not caching the frozen layers 0..{depth - 1}: {cache_bytes / 2**30:.1f} GiB > "
+            f"{CACHE_LIMIT_BYTES / 2**30:.0f} GiB")
+        return FullForward(), train_arrays, test_arrays
+    t0 = time.perf_counter()
+    kw = dict(batch_size=settings.eval_batch_size, bucket=settings.bucket)
+    cached = []
+    for arrays in (train_arrays, test_arrays):
+        hidden = cache_prefix(model, arrays, depth, **kw)
+        cached.append({"hidden": hidden, "attention_mask": arrays["attention_mask"],
+                       "labels": arrays["labels"]})
+    say(f"cached the frozen embeddings + layers 0..{depth - 1} ({cache_bytes / 2**20:.0f} MiB, "
+        f"{time.perf_counter() - t0:.1f}s); training runs layers {depth}.. only")
+    return PrefixForward(depth), cached[0], cached[1]
+
+
 def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Runs the whole recipe and returns the contents of ``results.json``.
 
@@ -131,30 +165,37 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
                     name=ADAPTER_NAME)
     summary = peft_nnx.summary(model)
     say(f"model {s.model} | data {s.data} ({len(dataset.train)} train / {len(dataset.test)} "
-        f"test) | LoRA r={s.rank} alpha={s.alpha} on {s.targets} | {summary}")
+        f"test) | LoRA r={s.rank} alpha={s.alpha} on {s.targets}"
+        f"{f' layers {s.layers}' if s.layers else ''} | {summary}")
 
     train_arrays = data.tokenize_examples(tokenizer, dataset.train, s.max_length)
     test_arrays = data.tokenize_examples(tokenizer, dataset.test, s.max_length)
-    base = frozen_baselines(model, tokenizer, dataset, max_length=s.max_length,
-                            batch_size=s.eval_batch_size, bucket=s.bucket, seed=s.seed)
+    parts = split_model(model)
+    forward, train_inputs, test_inputs = _inputs(model, parts, s, train_arrays, test_arrays, say)
+    t0 = time.perf_counter()
+    kw = dict(forward=forward, batch_size=s.eval_batch_size, bucket=s.bucket)
+    train_feats = frozen_features(model, train_inputs, **kw)
+    test_feats = frozen_features(model, test_inputs, **kw)
+    base = baselines(train_feats, train_arrays["labels"], test_feats, test_arrays["labels"],
+                     seed=s.seed)
+    baseline_seconds = time.perf_counter() - t0
     say(f"baselines: majority {base.majority_accuracy:.4f} | linear probe "
-        f"{base.linear_probe_accuracy:.4f} ({base.seconds:.1f}s)")
+        f"{base.linear_probe_accuracy:.4f} ({baseline_seconds:.1f}s)")
     if s.head_init == "probe":
-        kernel, bias = fit_linear_head(base.train_features, train_arrays["labels"],
+        kernel, bias = fit_linear_head(train_feats, train_arrays["labels"],
                                        num_classes=dataset.num_labels)
         _init_head(model, kernel, bias)
+        parts = split_model(model)
 
-    parts = split_model(model)
     model.eval()  # evaluation: no LoRA dropout
     eval_parts = split_model(model)
-    batches = LengthBucketedBatches(train_arrays, s.batch_size, seed=s.seed, bucket=s.bucket)
+    batches = LengthBucketedBatches(train_inputs, s.batch_size, seed=s.seed, bucket=s.bucket)
     num_steps = s.steps or max(1, math.ceil(s.epochs * batches.steps_per_epoch))
     eval_every = batches.steps_per_epoch if s.eval_every is None else s.eval_every
-    model_loss = classification_loss if s.model_dropout else _without_model_dropout
     tx = _optimizer(s, num_steps)
+    model_loss = make_classification_loss(forward, model_dropout=s.model_dropout)
     step = make_train_step(parts.loss(model_loss), tx, has_aux=True)
-    evaluate = make_classification_eval(eval_parts, parts.frozen, test_arrays,
-                                        batch_size=s.eval_batch_size, bucket=s.bucket)
+    evaluate = make_classification_eval(eval_parts, parts.frozen, test_inputs, **kw)
     use_rng = s.model_dropout or s.lora_dropout > 0
 
     prep.out.mkdir(parents=True, exist_ok=True)
@@ -190,8 +231,9 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         "steps": result.step,
         "epochs": result.step / batches.steps_per_epoch,
         "train_seconds": result.train_seconds,
-        "baseline_seconds": base.seconds,
+        "baseline_seconds": baseline_seconds,
         "mean_tokens_per_s": float(np.mean(train_tokens)) if train_tokens else None,
+        "prefix_cache_depth": getattr(forward, "depth", 0),
         "wall_seconds": time.perf_counter() - t_start,
         "num_train": len(dataset.train),
         "num_test": len(dataset.test),
@@ -204,10 +246,6 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     io.write_json_atomic(prep.out / "results.json", results)
     say(report(results))
     return results
-
-
-def _without_model_dropout(model: Any, batch: Any) -> Any:
-    return classification_loss(model, {k: v for k, v in batch.items() if k != "dropout_rng"})
 
 
 def report(results: dict[str, Any]) -> str:

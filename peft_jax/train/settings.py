@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ class TrainSettings:
         method: the PEFT method (only ``"lora"`` for now).
         rank, alpha, lora_dropout: LoRA hyper-parameters (scale = alpha / rank).
         targets: comma-separated module names, a preset (`TARGET_PRESETS`), or a regex.
+        layers: adapt only these encoder layers, e.g. ``"3-5"`` or ``"0,2"`` (HF PEFT's
+            ``layers_to_transform``); ``None`` adapts every layer. Needs names, not a regex.
         modules_to_save: modules trained fully (the classifier head).
         steps: number of optimizer steps; ``None`` derives it from ``epochs``.
         epochs: passes over the training set when ``steps`` is not given.
@@ -58,6 +61,8 @@ class TrainSettings:
         head_init: ``"probe"`` starts the classifier from the linear probe fit on frozen features
             (LP-FT, Kumar et al. 2022, arXiv:2202.10054); ``"random"`` from a fresh init.
         model_dropout: run the base model's own dropout while training.
+        cache_prefix: when adapters sit only on upper layers, run the frozen lower layers once
+            per example and train from their cached output (`peft_jax.train.prefix_cache`).
         seed: seeds LoRA init, the head, shuffling and dropout.
         out: output directory (``None``: ``runs/<timestamp>``).
         overwrite: allow ``out`` to be a non-empty directory.
@@ -70,6 +75,7 @@ class TrainSettings:
     alpha: float = 16.0
     lora_dropout: float = 0.0
     targets: str = "query,value"
+    layers: str | None = None
     modules_to_save: str = "classifier"
     steps: int | None = None
     epochs: float = 2.0
@@ -84,6 +90,7 @@ class TrainSettings:
     bucket: int = 32
     head_init: str = "probe"
     model_dropout: bool = False
+    cache_prefix: bool = True
     seed: int = 0
     out: str | None = None
     overwrite: bool = False
@@ -115,14 +122,47 @@ class TrainSettings:
         for name in ("model", "data", "targets", "modules_to_save"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise errors.InvalidConfigError(f"{name} must be a non-empty string")
-        for name in ("model_dropout", "overwrite"):
+        if self.layers is not None:
+            self.layer_indices()
+            if isinstance(_selector(self.targets), str):
+                raise errors.InvalidConfigError(
+                    "layers combines with target names (e.g. 'query,value'), not with a regex; "
+                    "write the layer indices into the regex instead")
+        for name in ("model_dropout", "cache_prefix", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise errors.InvalidConfigError(f"{name} must be true or false")
 
     # --- derived values ---------------------------------------------------------------------
+    def layer_indices(self) -> list[int] | None:
+        """``layers`` as sorted indices (``"3-5"`` -> ``[3, 4, 5]``), or ``None``.
+
+        Raises:
+            InvalidConfigError: not a comma-separated list of indices or ``a-b`` ranges.
+        """
+        if self.layers is None:
+            return None
+        indices: set[int] = set()
+        try:
+            for part in str(self.layers).split(","):
+                low, _, high = part.strip().partition("-")
+                indices.update(range(int(low), int(high or low) + 1))
+        except ValueError:
+            indices = set()
+        if not indices or min(indices) < 0:
+            raise errors.InvalidConfigError(
+                f"layers must be indices or ranges such as '3-5' or '0,2', got {self.layers!r}")
+        return sorted(indices)
+
     def target_selector(self) -> str | list[str]:
-        """``targets`` as a `peft_jax.LoraConfig` selector (a preset, a name list, or a regex)."""
-        return _selector(self.targets)
+        """``targets`` as a `peft_jax.LoraConfig` selector (a preset, a name list, or a regex);
+        with ``layers``, a regex restricted to those layers."""
+        selector = _selector(self.targets)
+        indices = self.layer_indices()
+        if indices is None:
+            return selector
+        names = "|".join(re.escape(n) for n in selector)
+        layers = "|".join(str(i) for i in indices)
+        return rf"(?:.*/)?layer/({layers})/(?:.*/)?({names})"
 
     def modules_to_save_selector(self) -> str | list[str]:
         """``modules_to_save`` as a selector."""
@@ -176,6 +216,8 @@ def _coerce(name: str, value: Any) -> Any:
         if not all(isinstance(v, str) for v in value):
             raise errors.InvalidConfigError(f"{name} must be a list of strings, got {value!r}")
         return ",".join(value)
+    if name == "layers" and isinstance(value, (int, list, tuple)) and not isinstance(value, bool):
+        return ",".join(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
     if name in ("alpha", "lr", "epochs", "lora_dropout", "weight_decay", "warmup") and (
             isinstance(value, int) and not isinstance(value, bool)):
         return float(value)

@@ -9,9 +9,20 @@ from flax import nnx
 import peft_jax
 from peft_jax import errors
 from peft_jax.models.encoder import EncoderConfig, EncoderForSequenceClassification
-from peft_jax.train.classify import classification_loss, make_classification_eval
+from peft_jax.train.classify import (
+    FullForward,
+    classification_loss,
+    frozen_features,
+    make_classification_eval,
+)
 from peft_jax.train.parts import split_model
-from peft_jax.train.prefix_cache import cache_prefix, encode_prefix, frozen_depth, suffix_logits
+from peft_jax.train.prefix_cache import (
+    PrefixForward,
+    cache_prefix,
+    encode_prefix,
+    frozen_depth,
+    suffix_logits,
+)
 
 CFG = EncoderConfig(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
                     intermediate_size=32, max_position_embeddings=32)
@@ -95,8 +106,38 @@ def test_prefix_cache_matches_full_model():
     np.testing.assert_allclose(hidden, np.asarray(direct) * arrays["attention_mask"][..., None],
                                atol=2e-5)
     mask = jnp.asarray(arrays["attention_mask"])
+    # The prefix path gives the same evaluation and the same frozen features as the full path.
+    cached = {"hidden": hidden, "attention_mask": arrays["attention_mask"], "labels": arrays["labels"]}
+    kw = dict(batch_size=16, bucket=12)
+    full_eval = make_classification_eval(parts, parts.frozen, arrays, **kw)(parts.trainable)
+    prefix_eval = make_classification_eval(parts, parts.frozen, cached, forward=PrefixForward(1),
+                                           **kw)(parts.trainable)
+    assert prefix_eval["accuracy"] == full_eval["accuracy"]
+    assert prefix_eval["loss"] == pytest.approx(full_eval["loss"], rel=1e-5)
+    np.testing.assert_allclose(frozen_features(model, cached, forward=PrefixForward(1), **kw),
+                               frozen_features(model, arrays, forward=FullForward(), **kw),
+                               atol=2e-5)
     with pytest.raises(errors.InvalidConfigError):
         encode_prefix(model, jnp.asarray(arrays["input_ids"]), mask, 7)
+
+
+def test_frozen_features_ignore_adapters():
+    model = _model()
+    arrays = _arrays()
+    feats = frozen_features(model, arrays, batch_size=16, bucket=12)
+    with peft_jax.nnx.disabled(model):
+        parts = split_model(model)
+
+    @jax.jit
+    def base(frozen, trainable, ids, mask):
+        m = parts.merge(trainable, frozen)
+        return m.backbone(ids, mask).last_hidden_state
+
+    h = np.asarray(base(parts.frozen, parts.trainable, arrays["input_ids"], arrays["attention_mask"]))
+    m = arrays["attention_mask"][..., None]
+    np.testing.assert_allclose(feats, (h * m).sum(1) / m.sum(1), atol=2e-5)
+    with pytest.raises(errors.BatchError, match="hidden"):
+        frozen_features(model, arrays, forward=PrefixForward(1))
 
 
 def test_frozen_depth_with_all_layers_and_embeddings():
