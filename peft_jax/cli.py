@@ -4,6 +4,7 @@ Example:
     $ peft-jax train                                  # LoRA on minilm-l6, fine-food reviews
     $ peft-jax train --rank 4 --targets all-linear --epochs 1 --out runs/r4
     $ peft-jax train --config run.yaml --lr 5e-4      # flags override the file
+    $ peft-jax generate --model smollm2-135m --greedy --chat --prompt "What is the capital of France?"
 """
 
 from __future__ import annotations
@@ -66,12 +67,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="continue a prompt with a decoder and print the completion",
+        description="Generate text with a registered decoder (smollm2-135m, gemma3-270m), a "
+                    ".gguf file or an HF-layout directory; prints only the completion. Sampling "
+                    "defaults: temperature 0.8, top-p 0.95 (see --greedy).")
+    add = p.add_argument
+    add("--model", required=True, metavar="NAME_OR_PATH", help="registered name, .gguf or HF dir")
+    add("--adapter", metavar="DIR", help="adapter directory (not supported yet)")
+    add("--prompt", required=True, help="the prompt text")
+    add("--max-new-tokens", type=int, default=64, metavar="N", help="at most N new tokens")
+    add("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    add("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add("--system", help="system message (with --chat)")
+    add("--temperature", type=float, metavar="T")
+    add("--top-k", type=int, metavar="K")
+    add("--top-p", type=float, metavar="P")
+    add("--seed", type=int, default=0, metavar="S", help="sampling seed")
+    add("--dtype", default="float32", choices=("float32", "bfloat16"), help="parameter dtype")
+    p.set_defaults(func=_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``peft-jax`` argument parser."""
     parser = argparse.ArgumentParser(prog="peft-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_train(sub)
+    _add_generate(sub)
     return parser
 
 
@@ -83,6 +107,14 @@ def _train(args: argparse.Namespace) -> int:
     file_values = load_config_file(args.config) if "config" in args else {}
     settings = TrainSettings.from_sources(file_values, flags)
     run(settings, log=lambda line: print(line, flush=True))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from peft_jax.models.generate_text import generate_command  # noqa: PLC0415
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    print(generate_command(**flags), flush=True)
     return 0
 
 
