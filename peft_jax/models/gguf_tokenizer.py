@@ -74,11 +74,13 @@ def byte_alphabet() -> tuple[str, ...]:
     return tuple(spelled[b] for b in range(256))
 
 
-def build_gguf_tokenizer(info: GGUFTokenizerInfo) -> Tokenizer:
+def build_gguf_tokenizer(info: GGUFTokenizerInfo, architecture: str | None = None) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equivalent to the one described by a GGUF file's metadata.
 
     Args:
         info: From :func:`peft_jax.models.gguf.gguf_tokenizer_info`.
+        architecture: The file's ``general.architecture``; Gemma SentencePiece files need it
+            (without it, Gemma is recognized by its ``<start_of_turn>`` token).
 
     Returns:
         The tokenizer (no padding or truncation configured).
@@ -98,7 +100,7 @@ def build_gguf_tokenizer(info: GGUFTokenizerInfo) -> Tokenizer:
     if info.model == "gpt2":
         tok = _byte_level_bpe(info)
     elif info.model == "llama":
-        tok = _sentencepiece_bpe(info)
+        tok = _sentencepiece_bpe(info, architecture)
     else:
         raise InvalidConfigError(
             f"GGUF tokenizer model {info.model!r} is not supported; supported: gpt2 (byte-level "
@@ -134,8 +136,11 @@ def _byte_level_bpe(info: GGUFTokenizerInfo) -> Tokenizer:
     return tok
 
 
-def _sentencepiece_bpe(info: GGUFTokenizerInfo) -> Tokenizer:
-    gemma = (info.pre or "").startswith("gemma") or "<start_of_turn>" in info.tokens[:300]
+def _sentencepiece_bpe(info: GGUFTokenizerInfo, architecture: str | None) -> Tokenizer:
+    if architecture is not None:
+        gemma = architecture.startswith("gemma")
+    else:
+        gemma = "<start_of_turn>" in info.tokens[:1000]
     # Gemma stores pieces of two or more spaces as spaces; SentencePiece spells them with U+2581.
     tokens = [("\u2581" * len(t) if gemma and t and not t.strip(" ") else t) for t in info.tokens]
     vocab = {}
@@ -159,10 +164,13 @@ def _sentencepiece_bpe(info: GGUFTokenizerInfo) -> Tokenizer:
     tok = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], unk_token=unk,
                                fuse_unk=True, byte_fallback=True))
     prefix = bool(info.add_space_prefix) if info.add_space_prefix is not None else not gemma
-    norm = [normalizers.Prepend("\u2581")] if prefix else []
-    tok.normalizer = normalizers.Sequence([*norm, normalizers.Replace(" ", "\u2581")])
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    if prefix:  # "\u2581" before the first piece of text, as SentencePiece adds a dummy space
+        tok.pre_tokenizer = pre_tokenizers.Metaspace("\u2581", prepend_scheme="first", split=False)
+        steps.append(decoders.Strip(" ", 1, 0))
+    else:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence(steps)
     return tok
 
 

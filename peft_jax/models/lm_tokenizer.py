@@ -80,12 +80,14 @@ class LMTokenizer:
             >>> tok.encode("The capital of France is")  # doctest: +SKIP
             [504, 3575, 282, 4649, 314]
         """
-        from peft_jax.models.gguf import gguf_tokenizer_info  # noqa: PLC0415 (lazy)
+        from peft_jax.models.gguf import gguf_tokenizer_info, open_gguf  # noqa: PLC0415 (lazy)
         from peft_jax.models.gguf_tokenizer import build_gguf_tokenizer  # noqa: PLC0415
 
-        info = gguf_tokenizer_info(path)
+        file = open_gguf(path)
+        info = gguf_tokenizer_info(file)
+        raw = build_gguf_tokenizer(info, file.metadata.get("general.architecture"))
         stops = [t for t in (info.eos_token_id, info.eot_token_id) if t is not None]
-        return cls(build_gguf_tokenizer(info), bos_token_id=info.bos_token_id,
+        return cls(raw, bos_token_id=info.bos_token_id,
                    eos_token_id=info.eos_token_id, pad_token_id=info.padding_token_id,
                    stop_token_ids=list(dict.fromkeys(stops)), chat_template=info.chat_template)
 
