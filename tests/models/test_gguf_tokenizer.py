@@ -179,3 +179,25 @@ def test_smollm2_digits_are_split_as_llama_cpp_does(smol_dir):
     assert ref.convert_ids_to_tokens(ref("x\n    0")["input_ids"]) == ["x", "\u010a\u0120\u0120\u0120",
                                                                          "\u0120", "0"]
     assert ours.decode(ids) == "x\n    0"
+
+
+# --- Gemma 3 (SentencePiece, 262k pieces, no merges in the file) --------------------------------
+@pytest.mark.slow
+@pytest.mark.interop
+def test_gemma3_ids_match_transformers():
+    from peft_jax.errors import MissingPackageError
+    from peft_jax.models.registry import install_command, resolve
+
+    try:
+        path = resolve("gemma3-270m").path
+    except MissingPackageError:
+        pytest.skip(f"needs the Gemma 3 GGUF: {install_command('gemma3-270m')}")
+    ref = _hf_tokenizer(path.parent, path.name)
+    ours = LMTokenizer.from_gguf(path)
+    texts = [*TEXTS, "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n",
+             "   three leading spaces", "in 2024 the 3 cats ate 12.5 kg", "\u0000\u0007 control"]
+    for text in texts:
+        ids = ref(text)["input_ids"]
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+    assert (ours.bos_token, ours.eos_token, ours.encode("Hello")[0]) == ("<bos>", "<eos>", 2)
