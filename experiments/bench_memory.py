@@ -11,6 +11,7 @@ to what the trainable leaves imply (AdamW: two moments per trainable scalar, plu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +20,23 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _child(kind: str, steps: int, batch: int, seq: int, rank: int) -> dict:
+def _remat_arg(value: str) -> str | None:
+    return None if value == "none" else value
+
+
+def _vm_hwm_mb() -> float | None:
+    """Peak resident memory so far (Linux ``VmHWM``), in MiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _child(kind: str, steps: int, batch: int, seq: int, rank: int, remat) -> dict:
     sys.path.insert(0, HERE)
     import resource
 
@@ -29,21 +46,30 @@ def _child(kind: str, steps: int, batch: int, seq: int, rank: int) -> dict:
 
     from peft_jax.models.decoder_config import reference_config
 
-    ref = build(reference_config(), batch=batch, seq=seq, lora_rank=rank if kind == "lora" else None)
+    config = reference_config()
+    if remat != "default":
+        config = dataclasses.replace(config, remat=_remat_arg(remat))
+    ref = build(config, batch=batch, seq=seq, lora_rank=rank if kind == "lora" else None)
+    peak_after_build = _vm_hwm_mb()
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
     compiled = ref.step.lower(ref.trainable, ref.opt_state, ref.frozen, ref.batch).compile()
+    peak_after_compile = _vm_hwm_mb()
     memory = compiled.memory_analysis()
     for _ in range(steps):
         jax.block_until_ready(ref.run())
     trainable_bytes = nbytes(ref.trainable)
     return {
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_after_build_mb": peak_after_build,
+        "peak_rss_after_compile_mb": peak_after_compile,
         "trainable_bytes": trainable_bytes,
         "frozen_bytes": nbytes(ref.frozen),
         "opt_state_bytes": nbytes(ref.opt_state),
         "opt_state_bytes_implied": 2 * trainable_bytes,
         "xla_temp_mb": memory.temp_size_in_bytes / 2**20,
         "xla_argument_mb": memory.argument_size_in_bytes / 2**20,
+        "remat": config.remat,
+        "flops": compiled.cost_analysis().get("flops"),
     }
 
 
@@ -54,16 +80,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--remat", default="default",
+                        help="decoder per-layer remat policy for both runs: none, full, dots, "
+                             "dots_no_batch, ... (default: the library default, DecoderConfig.remat)")
+    parser.add_argument("--remat-full", default=None,
+                        help="a different policy for the full fine-tuning run (default: --remat)")
     parser.add_argument("--child", choices=["lora", "full"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write the JSON line to this file")
     args = parser.parse_args()
+    sys.path.insert(0, HERE)
+    from peft_jax.models.decoder_config import reference_config
+
     if args.child:
-        print(json.dumps(_child(args.child, args.steps, args.batch, args.seq, args.rank)))
+        print(json.dumps(_child(args.child, args.steps, args.batch, args.seq, args.rank, args.remat)))
         return
     runs = {}
     for kind in ("lora", "full"):
+        remat = args.remat_full if kind == "full" and args.remat_full is not None else args.remat
         cmd = [sys.executable, __file__, "--child", kind, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank)]
+               "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
+               "--remat", remat]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         runs[kind] = json.loads(out.strip().splitlines()[-1])
     result = {
@@ -73,7 +109,10 @@ def main() -> None:
         "lora_opt_state_bytes": runs["lora"]["opt_state_bytes"],
         "full_opt_state_bytes": runs["full"]["opt_state_bytes"],
         "lora": runs["lora"], "full": runs["full"],
+        "lora_remat": runs["lora"]["remat"], "full_remat": runs["full"]["remat"],
+        "library_default_remat": reference_config().remat,
         "batch": args.batch, "seq": args.seq, "rank": args.rank, "steps": args.steps,
+        "load_avg_1m": os.getloadavg()[0],
     }
     line = json.dumps(result)
     if args.out:

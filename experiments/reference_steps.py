@@ -40,9 +40,17 @@ def _lm_loss(model, batch):
     return causal_lm_loss(model(batch["input_ids"]), batch["input_ids"])
 
 
+_CONFIG_REMAT = object()
+
+
 def build(config: DecoderConfig, *, batch: int, seq: int, lora_rank: int | None,
-          seed: int = 0) -> ReferenceStep:
-    """AdamW on every param (``lora_rank=None``) or on LoRA factors of all seven linears."""
+          seed: int = 0, remat: str | None = _CONFIG_REMAT) -> ReferenceStep:
+    """AdamW on every param (``lora_rank=None``) or on LoRA factors of all seven linears.
+
+    ``remat`` overrides ``config.remat`` (the decoder's per-layer rematerialization policy).
+    """
+    if remat is not _CONFIG_REMAT:
+        config = dataclasses.replace(config, remat=remat)
     model = Decoder(config, rngs=nnx.Rngs(seed))
     if lora_rank is not None:
         cfg = peft_jax.LoraConfig(targets=LLAMA_LINEARS, rank=lora_rank, alpha=2.0 * lora_rank)

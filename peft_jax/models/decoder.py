@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -32,6 +33,87 @@ from peft_jax.models.decoder_config import DecoderConfig, reference_config
 __all__ = ["Decoder", "DecoderConfig", "KVCache", "RMSNorm", "load_decoder", "reference_config"]
 
 _init = nnx.initializers.normal(stddev=0.02)
+_UNSET = object()
+
+
+def _save_projections(prim, *avals, **params) -> bool:
+    """Remat policy: keep the outputs of full-rank, non-batched matmuls (the layer's projections).
+
+    Attention's batched matmuls, elementwise work and low-rank products (a contraction at least
+    8x narrower than the output, such as LoRA's ``(x A) B``: cheap to redo, as large as the
+    projection it is added to) are recomputed in the backward pass.
+    """
+    if prim is not jax.lax.dot_general_p:
+        return False
+    (contract, _), (batch, _) = params["dimension_numbers"]
+    if batch:
+        return False
+    lhs, rhs = avals[0].shape, avals[1].shape
+    k = math.prod(lhs[d] for d in contract)
+    out_width = math.prod(rhs) // max(k, 1)
+    return 8 * k > out_width
+
+
+# DecoderConfig.remat -> the jax.checkpoint policy applied to each layer.
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "projections": _save_projections,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _recompute_late(fn, policy):
+    """``fn`` under ``jax.checkpoint(policy=policy)``, recomputed only when the backward needs it.
+
+    XLA:CPU drops optimization barriers before scheduling, so with plain ``jax.checkpoint`` it
+    runs every layer's recomputation right after the forward pass (whose inputs are all ready),
+    and peak memory is as if nothing were rematerialized. Here each saved activation gets
+    ``0 * cotangent[0]`` added in the backward pass: the values are unchanged (for finite
+    gradients), but the recomputation now depends on the incoming cotangent, so it runs when the
+    backward pass reaches this layer. The first argument's leaves (the parameters) are left alone.
+    """
+    tie_leaf: list[bool] = []
+
+    @jax.custom_vjp
+    def run(*args):
+        return fn(*args)
+
+    def fwd(*args):
+        out, vjp_fn = jax.vjp(jax.checkpoint(fn, policy=policy), *args)
+        params = {id(leaf) for leaf in jax.tree.leaves(args[0])}
+        tie_leaf[:] = [id(leaf) not in params and jnp.issubdtype(leaf.dtype, jnp.floating)
+                       for leaf in jax.tree.leaves(vjp_fn)]
+        return out, vjp_fn
+
+    def bwd(vjp_fn, cotangent):
+        first = next(c for c in jax.tree.leaves(cotangent) if jnp.issubdtype(c.dtype, jnp.floating))
+        zero = first.reshape(-1)[0] * jnp.zeros((), first.dtype)
+        leaves, treedef = jax.tree.flatten(vjp_fn)
+        leaves = [leaf + zero.astype(leaf.dtype) if tie else leaf for leaf, tie in zip(leaves, tie_leaf)]
+        return jax.tree.unflatten(treedef, leaves)(cotangent)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
+def _remat_layer(layer: nnx.Module, policy, x: Array, angles: tuple[Array, Array], mask: Array) -> Array:
+    """``layer(x, angles, mask)``, keeping only what ``policy`` saves for the backward pass.
+
+    The layer runs as a pure function of its state, so this works inside any JAX transform
+    (e.g. ``jax.value_and_grad`` of a model rebuilt by ``nnx.merge``); RNG streams it advances
+    (adapter dropout) are written back.
+    """
+    graphdef, state = nnx.split(layer)
+    rng_state = nnx.state(layer, nnx.RngState)
+
+    def run(state, x, angles, mask):
+        module = nnx.merge(graphdef, state)
+        return module(x, angles, mask)[0], nnx.state(module, nnx.RngState)
+
+    out, rng_state = _recompute_late(run, policy)(state, x, angles, mask)
+    nnx.update(layer, rng_state)
+    return out
 
 
 class RMSNorm(nnx.Module):
@@ -84,6 +166,9 @@ class Attention(nnx.Module):
     def __call__(self, x: Array, angles: tuple[Array, Array], mask: Array,
                  kv: tuple[Array, Array] | None = None, offset: Array | None = None):
         b, t, _ = x.shape
+        # Projections see tokens as rows of a 2-D matrix: with a 3-D input, XLA's CPU backend
+        # transposes whole activations to form the weight (and LoRA factor) gradients.
+        x = x.reshape(b * t, -1)
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -95,8 +180,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, offset, 0, 0))
             kv = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+        out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap, causal=kv is None)
+        return self.o_proj(out.reshape(b * t, self.num_heads * self.head_dim)).reshape(b, t, -1), kv
 
 
 class MLP(nnx.Module):
@@ -111,9 +196,11 @@ class MLP(nnx.Module):
         self.activation = c.mlp_activation
 
     def __call__(self, x: Array) -> Array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # tokens as rows, as in Attention
         gate = self.gate_proj(x)
         gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * self.up_proj(x)).reshape(*shape[:-1], -1)
 
 
 class DecoderLayer(nnx.Module):
@@ -159,6 +246,9 @@ class Decoder(nnx.Module):
         rngs: Random streams for initialization (weights are ``N(0, 0.02)``, norms neutral).
         dtype: Compute dtype of activations.
         param_dtype: Dtype of the parameters.
+        remat: Per-layer rematerialization policy (see ``DecoderConfig.remat``); by default the
+            config's. It applies when no KV cache is given (training); results are unchanged.
+            For a loaded model: ``model.config = dataclasses.replace(model.config, remat="full")``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -175,8 +265,8 @@ class Decoder(nnx.Module):
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32):
-        c = config
+                 param_dtype: jnp.dtype = jnp.float32, remat: str | None = _UNSET):
+        c = config if remat is _UNSET else dataclasses.replace(config, remat=remat)
         self.config = c
         self.dtype = dtype
         self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
@@ -232,6 +322,7 @@ class Decoder(nnx.Module):
             next_position = positions[:, -1] + 1
         masks, tables = {}, {}
         new_keys, new_values = [], []
+        policy = _REMAT.get(self.config.remat) if cache is None else None
         for i, layer in enumerate(self.layers):
             window = self.config.layer_window(i)
             if window not in masks:
@@ -240,6 +331,9 @@ class Decoder(nnx.Module):
             if (theta, scaling) not in tables:
                 inv = rope.inverse_frequencies(self.config.head_dim, theta, scaling)
                 tables[theta, scaling] = rope.rope_angles(positions, inv)
+            if policy is not None:
+                x = _remat_layer(layer, policy, x, tables[theta, scaling], masks[window])
+                continue
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x, kv = layer(x, tables[theta, scaling], masks[window], kv, offset)
             if kv is not None:

@@ -19,6 +19,14 @@ from peft_jax.errors import InvalidConfigError, UnsupportedArchitectureError
 from peft_jax.models.rope import RopeScaling
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+#: ``DecoderConfig.remat`` values: what each decoder layer keeps for the backward pass.
+#: ``None`` keeps everything XLA wants; ``"full"`` keeps only each layer's input and recomputes
+#: the layer in the backward pass; ``"projections"`` keeps the outputs of q/k/v, the attention
+#: context, the post-attention residual and gate/up (recomputing norms, RoPE, attention scores and
+#: softmax, the activation and LoRA's thin matmuls); ``"dots"`` / ``"dots_no_batch"`` are JAX's
+#: ``dots_saveable`` / ``dots_with_no_batch_dims_saveable`` (every matmul output / every
+#: non-batched one, LoRA's included).
+REMAT_POLICIES = (None, "full", "projections", "dots", "dots_no_batch")
 ACTIVATIONS = ("silu", "gelu_tanh")
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -57,6 +65,9 @@ class DecoderConfig:
         sandwich_norms: Gemma's extra norms: attention and MLP outputs are normalized before the
             residual add (``post_attention_layernorm``, ``post_feedforward_layernorm``) and the MLP
             input by ``pre_feedforward_layernorm``.
+        remat: Per-layer rematerialization when training (one of :data:`REMAT_POLICIES`): trades
+            recomputation in the backward pass for activation memory. Not an architecture field:
+            it changes no result, only what is stored; ``Decoder(..., remat=)`` overrides it.
         model_type: HF ``model_type`` this config came from (informational).
         bos_token_id: Beginning-of-sequence token, if known.
         eos_token_ids: End-of-sequence tokens (default stop tokens of generation).
@@ -93,6 +104,7 @@ class DecoderConfig:
     query_pre_attn_scalar: float | None = None
     mlp_activation: str = "silu"
     sandwich_norms: bool = False
+    remat: str | None = None
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -119,6 +131,8 @@ class DecoderConfig:
         bad = sorted(set(self.layer_types) - {FULL, SLIDING})
         if bad:
             raise InvalidConfigError(f"layer_types entries must be {FULL!r} or {SLIDING!r}, got {bad}")
+        if self.remat not in REMAT_POLICIES:
+            raise InvalidConfigError(f"remat must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise InvalidConfigError(f"sliding_window must be > 0 or None, got {self.sliding_window}")
 

@@ -16,6 +16,37 @@ import jax
 import jax.numpy as jnp
 
 
+@jax.custom_vjp
+def thin_matmul(x: jax.Array, a: jax.Array) -> jax.Array:
+    """``x @ a`` for ``x: (m, k)`` and a thin ``a: (k, r)`` (a low-rank factor), fast to differentiate.
+
+    Same value as ``x @ a``; the gradient of ``a`` is formed as ``(g.T @ x).T``, whose matmul XLA:CPU
+    runs several times faster than the ``x.T @ g`` that autodiff yields (and that XLA's algebraic
+    simplifier would otherwise fold the transposition back into). Reverse-mode only (like any
+    ``jax.custom_vjp`` function, it does not support ``jax.jvp``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> x, a = jnp.ones((3, 4)), jnp.ones((4, 2))
+        >>> jax.grad(lambda a: thin_matmul(x, a).sum())(a).tolist()[0]
+        [3.0, 3.0]
+    """
+    return x @ a
+
+
+def _thin_matmul_fwd(x, a):
+    return x @ a, (x, a)
+
+
+def _thin_matmul_bwd(residuals, g):
+    x, a = residuals
+    da_t = jax.lax.optimization_barrier(jax.lax.dot_general(g, x, (((0,), (0,)), ((), ()))))
+    return (g @ a.T).astype(x.dtype), da_t.T.astype(a.dtype)
+
+
+thin_matmul.defvjp(_thin_matmul_fwd, _thin_matmul_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearOp(abc.ABC):
     """Base class: the kernel layout is ``(*in_shape, *out_shape)`` unless a subclass says otherwise.
@@ -70,6 +101,8 @@ class LinearOp(abc.ABC):
 
     def project_out(self, h: jax.Array, b: jax.Array) -> jax.Array:
         """Maps ``h: (..., r)`` through ``B`` into the layer's output layout."""
+        if h.ndim > 2:  # rows as one axis: XLA:CPU otherwise transposes activations in the backward
+            return jnp.tensordot(h.reshape(-1, h.shape[-1]), b, axes=1).reshape(*h.shape[:-1], *b.shape[1:])
         return jnp.tensordot(h, b, axes=1)
 
     def scale_output(self, y: jax.Array, g: jax.Array) -> jax.Array:

@@ -6,7 +6,7 @@ import dataclasses
 
 import jax
 
-from peft_jax.ops.base import LinearOp
+from peft_jax.ops.base import LinearOp, thin_matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,14 @@ class ContractionOp(LinearOp):
 
     def project_in(self, x: jax.Array, a: jax.Array) -> jax.Array:
         axes = tuple(ax % x.ndim for ax in self.axis)
-        dims = ((axes, tuple(range(len(axes)))), ((), ()))
+        n = len(axes)
+        if axes == tuple(range(x.ndim - n, x.ndim)) and a.ndim == n + 1:
+            # Trailing axes contracted into one rank axis: a 2-D matmul over all leading axes, which
+            # XLA:CPU differentiates without transposing the (large) input or output gradient.
+            k = a.shape[-1]
+            h = thin_matmul(x.reshape(-1, a.size // k), a.reshape(-1, k))
+            return h.reshape(*x.shape[:-n], k)
+        dims = ((axes, tuple(range(n))), ((), ()))
         return jax.lax.dot_general(x, a, dims)
 
 
