@@ -2,6 +2,7 @@
 the default run), plus bad input: typed errors, exit status 2, nothing written."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -110,7 +111,7 @@ def test_bad_input_writes_nothing(tmp_path, capsys, model_dir, data_dir, flag, v
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("peft-jax train: error: ")
-    assert __import__("re").search(match, err), err
+    assert re.search(match, err), err
     _assert_nothing_written(tmp_path, out)
 
 

@@ -111,7 +111,8 @@ def lora_config_dict(config: Any, **extra: Any) -> dict[str, Any]:
     def selector(value: Any, name: str) -> Any:
         if value is None or isinstance(value, str):
             return value
-        if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        if isinstance(value, (list, tuple, set, frozenset)) and all(
+                isinstance(v, str) for v in value):
             return list(value)
         raise errors.InvalidConfigError(
             f"{name} is a {type(value).__name__}, which cannot be written to JSON; use a regex "
@@ -190,7 +191,8 @@ def load_adapter(directory: str | os.PathLike) -> tuple[dict[str, np.ndarray], d
     for f in (weights, config_file):
         if not f.is_file():
             raise errors.CheckpointError(
-                f"{f} is missing; an adapter directory holds {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}")
+                f"{f} is missing; an adapter directory holds {ADAPTER_WEIGHTS} and "
+                f"{ADAPTER_CONFIG}")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError as e:

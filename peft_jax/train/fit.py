@@ -64,7 +64,8 @@ def count_tokens(batch: Any) -> int:
     ``input_ids``, else the leading dimension of the first array.
 
     Example:
-        >>> count_tokens({"input_ids": np.ones((2, 4)), "attention_mask": np.array([[1, 1, 0, 0]] * 2)})
+        >>> mask = np.array([[1, 1, 0, 0]] * 2)
+        >>> count_tokens({"input_ids": np.ones((2, 4)), "attention_mask": mask})
         4
     """
     if isinstance(batch, Mapping):
@@ -81,7 +82,8 @@ def _check_finite(loss: float, step: int) -> None:
         raise errors.NonFiniteLossError(
             f"the training loss is {loss} at step {step}; training stopped. Lower the learning "
             "rate (--lr), check the batch for bad values (e.g. labels outside 0..num_labels-1), "
-            "or clip gradients. Files already written (checkpoints, metrics) are left as they were.")
+            "or clip gradients. Files already written (checkpoints, metrics) are left as they "
+            "were.")
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

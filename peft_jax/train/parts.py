@@ -1,16 +1,17 @@
 """An NNX model cut into the pieces a jitted step needs: graph, trainable, frozen, static data.
 
-`peft_jax.nnx.split` gives ``(graphdef, trainable, frozen)``. Some wrapper modules keep plain
-Python data (for example the active adapter's name of a ``modules_to_save`` wrapper) as pytree
-leaves, and a string leaf cannot enter ``jax.jit``. `split_model` therefore puts only variables in
-``frozen`` and keeps such non-array data aside; it is closed over, which is safe because it holds no
-arrays (a closed-over array would be baked into the program as a constant).
+`peft_jax.nnx.split` gives ``(graphdef, trainable, frozen)``. A user module may keep plain Python
+data marked as pytree data (``nnx.data``), and a non-array leaf cannot enter ``jax.jit``.
+`split_model` therefore puts only variables in ``frozen`` and keeps any such data aside; it is
+closed over, which is safe because it holds no arrays (a closed-over array would be baked into the
+program as a constant).
 
 Example:
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> import peft_jax
-    >>> model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
+    >>> model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)),
+    ...                        nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
     >>> _ = peft_jax.nnx.attach(model, peft_jax.LoraConfig(targets=["0"], rank=2,
     ...                         modules_to_save=["1"]), rngs=nnx.Rngs(2))
     >>> parts = split_model(model)

@@ -131,7 +131,8 @@ def cache_prefix(model: Any, arrays: dict[str, np.ndarray], depth: int, *,
     The parameters enter the jitted function as arguments, never as constants.
 
     Example:
-        >>> hidden = cache_prefix(model, {"input_ids": ids, "attention_mask": mask}, depth=3)  # doctest: +SKIP
+        >>> arrays = {"input_ids": ids, "attention_mask": mask}  # doctest: +SKIP
+        >>> hidden = cache_prefix(model, arrays, depth=3)  # doctest: +SKIP
     """
     graphdef, state, static = nnx.split(model, nnx.Variable, ...)
 

@@ -269,5 +269,6 @@ def report(results: dict[str, Any]) -> str:
         f"{results['method']} - probe    {gain}",
         f"trainable       {results['trainable_params']:,} of {results['total_params']:,} params "
         f"({results['trainable_percent']:.4f}%)",
-        f"wall time       {results['wall_seconds']:.1f} s (training {results['train_seconds']:.1f} s)",
+        f"wall time       {results['wall_seconds']:.1f} s "
+        f"(training {results['train_seconds']:.1f} s)",
     ])

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,8 +39,6 @@ def test_round_trip_through_trainable_state(tmp_path):
 
 
 def jax_tree_scale(tree, factor):
-    import jax  # noqa: PLC0415
-
     return jax.tree.map(lambda x: x * factor + 1, tree)
 
 

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -72,7 +73,7 @@ def test_missing_field_is_a_batch_error_before_compile():
     model = _model()
     parts = split_model(model)
     step = peft_jax.make_train_step(parts.loss(classification_loss),
-                                    __import__("optax").sgd(0.1), has_aux=True)
+                                    optax.sgd(0.1), has_aux=True)
     with pytest.raises(errors.BatchError, match="labels"):
         step(parts.trainable, (), parts.frozen, {"input_ids": np.ones((2, 3), np.int32),
                                                  "attention_mask": np.ones((2, 3), np.int32)})
@@ -107,7 +108,8 @@ def test_prefix_cache_matches_full_model():
                                atol=2e-5)
     mask = jnp.asarray(arrays["attention_mask"])
     # The prefix path gives the same evaluation and the same frozen features as the full path.
-    cached = {"hidden": hidden, "attention_mask": arrays["attention_mask"], "labels": arrays["labels"]}
+    cached = {"hidden": hidden, "attention_mask": arrays["attention_mask"],
+              "labels": arrays["labels"]}
     kw = dict(batch_size=16, bucket=12)
     full_eval = make_classification_eval(parts, parts.frozen, arrays, **kw)(parts.trainable)
     prefix_eval = make_classification_eval(parts, parts.frozen, cached, forward=PrefixForward(1),
@@ -133,7 +135,8 @@ def test_frozen_features_ignore_adapters():
         m = parts.merge(trainable, frozen)
         return m.backbone(ids, mask).last_hidden_state
 
-    h = np.asarray(base(parts.frozen, parts.trainable, arrays["input_ids"], arrays["attention_mask"]))
+    h = np.asarray(base(parts.frozen, parts.trainable, arrays["input_ids"],
+                        arrays["attention_mask"]))
     m = arrays["attention_mask"][..., None]
     np.testing.assert_allclose(feats, (h * m).sum(1) / m.sum(1), atol=2e-5)
     with pytest.raises(errors.BatchError, match="hidden"):

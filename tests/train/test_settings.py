@@ -18,7 +18,8 @@ def test_precedence_and_dash_keys():
 def test_targets_forms():
     assert TrainSettings(targets="query, value").target_selector() == ["query", "value"]
     assert TrainSettings(targets="all-linear").target_selector() == TARGET_PRESETS["all-linear"]
-    assert TrainSettings(targets=r".*layer/[3-5]/.*query").target_selector() == r".*layer/[3-5]/.*query"
+    regex = r".*layer/[3-5]/.*query"
+    assert TrainSettings(targets=regex).target_selector() == regex
     s = TrainSettings.from_sources({"targets": ["query", "key"]})
     assert s.target_selector() == ["query", "key"]
 
