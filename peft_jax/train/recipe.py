@@ -87,7 +87,8 @@ def prepare(settings: TrainSettings) -> Prepared:
         UnknownNameError: an unknown model or dataset name (the known ones are listed).
         MissingPackageError: a named model or dataset whose package is not installed.
         UnsupportedArchitectureError: a model that is not a BERT-family encoder.
-        InvalidConfigError: a bad selector or a non-empty output directory.
+        InvalidConfigError: a bad selector, layers the model lacks, or a non-empty output
+            directory.
     """
     checkpoint = models.resolve(settings.model)
     if checkpoint.family != "encoder" or checkpoint.kind != "hf_dir":
@@ -96,7 +97,8 @@ def prepare(settings: TrainSettings) -> Prepared:
             f"{checkpoint.family} ({checkpoint.kind}). Known encoders: 'minilm-l6', or an "
             "HF-layout BERT/RoBERTa directory")
     dataset = data.load_dataset(settings.data)
-    lora = LoraConfig(targets=settings.target_selector(), rank=settings.rank,
+    num_layers = models.read_config(checkpoint.path).get("num_hidden_layers")
+    lora = LoraConfig(targets=settings.target_selector(num_layers), rank=settings.rank,
                       alpha=settings.alpha, dropout=settings.lora_dropout,
                       modules_to_save=settings.modules_to_save_selector())
     return Prepared(settings, checkpoint, dataset, _out_dir(settings), lora)
