@@ -52,22 +52,30 @@ def test_resume_from_a_different_run_is_refused(tmp_path):
 
 
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
-    total = 12
+    total = 40
     reference = tmp_path / "reference.npy"
     subprocess.run([sys.executable, WORKER, "train", str(tmp_path / "ref"), str(total), str(reference)],
                    check=True, timeout=600)
     rng = random.Random(0)
     out = tmp_path / "killed.npy"
+    run_dir = tmp_path / "run"
     kills = 0
     for _ in range(6):
-        proc = subprocess.Popen([sys.executable, WORKER, "train", str(tmp_path / "run"), str(total), str(out)])
-        time.sleep(rng.uniform(2.0, 8.0))
+        before = max((int(p) for p in os.listdir(run_dir) if p.isdigit()), default=0) if run_dir.exists() else 0
+        proc = subprocess.Popen([sys.executable, WORKER, "train", str(run_dir), str(total), str(out)])
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:  # wait for progress, then kill at random
+            done = max((int(p) for p in os.listdir(run_dir) if p.isdigit()), default=0) if run_dir.exists() else 0
+            if done > before:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is not None:
             break
         proc.kill()
         proc.wait()
         kills += 1
-    subprocess.run([sys.executable, WORKER, "train", str(tmp_path / "run"), str(total), str(out)],
+    subprocess.run([sys.executable, WORKER, "train", str(run_dir), str(total), str(out)],
                    check=True, timeout=600)
     assert kills >= 1
     assert np.array_equal(np.load(reference), np.load(out))
