@@ -30,6 +30,19 @@ from typing import Any
 __all__ = ["atomic_directory", "write_json_atomic"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_modes(directory: Path) -> None:
+    """Gives the temporary tree the modes ordinary files get (tempfile makes them private)."""
+    mask = _umask()
+    for path in [*directory.rglob("*"), directory]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _fsync_tree(directory: Path) -> None:
     for path in [*directory.rglob("*"), directory]:
         if path.is_file():
@@ -77,6 +90,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        _publish_modes(tmp)
         _fsync_tree(tmp)
         aside = None
         if target.exists():
@@ -109,6 +123,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

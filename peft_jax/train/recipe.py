@@ -10,6 +10,9 @@ it computes the majority-class and linear-probe baselines on the frozen encoder,
 * ``metrics.png``: loss and accuracy curves with the baselines,
 * ``results.json``: accuracies, parameter counts, wall time and every setting (atomic).
 
+Periodic evaluation (``eval_*`` records) runs on the test split to show the learning curve; it
+selects nothing: ``test_accuracy`` is that of the parameters after the last step.
+
 Example:
     >>> results = run(TrainSettings(out="runs/default"))  # doctest: +SKIP
     >>> results["test_accuracy"] > results["linear_probe_accuracy"]  # doctest: +SKIP

@@ -1,6 +1,8 @@
 """Adapter export: safetensors keyed by "/"-joined paths, JSON config, atomic replacement."""
 
 import json
+import os
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +88,17 @@ def test_bad_inputs(tmp_path):
     cfg = peft_jax.LoraConfig(targets=lambda path, leaf: True)
     with pytest.raises(errors.InvalidConfigError, match="regex string or a list"):
         adapter_module.lora_config_dict(cfg)
+
+
+def test_written_files_get_ordinary_modes(tmp_path):
+    out = io.save_adapter(tmp_path / "adapter", {"w": np.ones(2, np.float32)}, {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask
+    path = io.write_json_atomic(tmp_path / "r.json", {})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
 
 
 def test_write_json_atomic(tmp_path):
