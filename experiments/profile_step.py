@@ -1,27 +1,33 @@
 """Where one training step of the reference config spends its time and memory, per XLA op.
 
-    python experiments/profile_step.py [--kind lora full] [--remat POLICY] [--steps 2] [--top 25]
+    taskset -c 0 python experiments/profile_step.py [--kind lora full] [--remat POLICY] [--top 25]
 
 For each contender (LoRA r8 on all seven linears, or full fine-tuning; AdamW, batch 8 x seq 256):
 compiles the step and prints XLA's ``memory_analysis()`` (deterministic: temp / argument bytes) and
-``cost_analysis()`` FLOPs, then traces ``--steps`` steps with ``jax.profiler`` and sums the CPU
-time of every executed HLO op (thunk) over all threads. Each op is classed by what it is (matmul,
-copy/transpose, fusion, ...) and by the Python function that produced it (from the HLO's stack
-frames: attention, RMSNorm, RoPE, MLP, LoRA factors, LM head / cross-entropy, optimizer), and
-whether it belongs to the forward or the backward pass. Times are CPU-seconds summed over threads
-(so on 2 busy cores they exceed wall time); compare shares, not absolute values, under load.
+``cost_analysis()`` FLOPs, then traces ``--steps`` steps with ``jax.profiler`` and sums, per
+executed HLO op (thunk), the duration of its trace event. Each op is classed by what it is
+(matmul, copy/transpose, fusion, ...), by the Python function that produced it (from the HLO's
+stack frames: attention, RMSNorm, RoPE, MLP, LoRA factors, LM head / cross-entropy, optimizer)
+and by pass (ops of the backward pass, including rematerialized forward work, count as backward).
+
+An event lasts from the op's start to its end on the thread that launched it, so on a shared,
+loaded machine a parallel op stretches while one of its threads waits for the CPU. Pinned to one
+core (``taskset -c 0``) the durations add up to about the CPU time of the step, which is the
+figure to compare; shares are more robust than absolute values either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import json
 import os
 import re
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,14 +174,12 @@ def _classify(name: str, info: dict, comps: dict, chain) -> tuple[str, str, str]
     return what, source, phase
 
 
-def profile(kind: str, *, remat: str | None, steps: int, batch: int, seq: int, rank: int,
-            top: int) -> dict:
+def profile(kind: str, *, remat: str, steps: int, batch: int, seq: int, rank: int,
+            top: int, all_ops: bool = False) -> dict:
     """Compile, trace and aggregate one contender; returns a JSON-able summary."""
     config = reference_config()
-    if remat:
-        import dataclasses  # noqa: PLC0415
-
-        config = dataclasses.replace(config, remat=remat)
+    if remat != "default":
+        config = dataclasses.replace(config, remat=None if remat == "none" else remat)
     ref = build(config, batch=batch, seq=seq, lora_rank=rank if kind == "lora" else None)
     compiled = ref.step.lower(ref.trainable, ref.opt_state, ref.frozen, ref.batch).compile()
     memory = compiled.memory_analysis()
@@ -188,8 +192,6 @@ def profile(kind: str, *, remat: str | None, steps: int, batch: int, seq: int, r
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
         wall = []
-        import time  # noqa: PLC0415
-
         for _ in range(steps):
             t0 = time.perf_counter()
             jax.block_until_ready(ref.run())
@@ -218,7 +220,7 @@ def profile(kind: str, *, remat: str | None, steps: int, batch: int, seq: int, r
     rows.sort(reverse=True)
     share = lambda c: {k: [round(v, 4), round(v / total, 3)] for k, v in c.most_common()}  # noqa: E731
     return {
-        "kind": kind, "remat": remat,
+        "kind": kind, "remat": config.remat,
         "wall_s_per_step": sorted(wall)[len(wall) // 2],
         "op_cpu_s_per_step": total,
         "xla_temp_mb": memory.temp_size_in_bytes / 2**20,
@@ -227,6 +229,8 @@ def profile(kind: str, *, remat: str | None, steps: int, batch: int, seq: int, r
         "flops": cost.get("flops"), "bytes_accessed": cost.get("bytes accessed"),
         "by_kind": share(by_what), "by_source": share(by_source), "by_phase": share(by_phase),
         "by_source_kind": share(by_pair),
+        "all_ops": [dict(op=n, cpu_s=round(s, 5), what=w, source=src, phase=ph, shape=shp)
+                    for s, n, w, src, ph, shp in rows] if all_ops else [],
         "top_ops": [dict(op=n, cpu_s=round(s, 4), share=round(s / total, 3), what=w, source=src,
                          phase=ph, shape=shp) for s, n, w, src, ph, shp in rows[:top]],
         "load_avg_1m": os.getloadavg()[0],
@@ -250,7 +254,10 @@ def _print(summary: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", nargs="+", choices=["lora", "full"], default=["lora", "full"])
-    parser.add_argument("--remat", default=None, help="DecoderConfig.remat for this run")
+    parser.add_argument("--remat", default="default",
+                        help="DecoderConfig.remat for this run (none, full, projections, ...; "
+                             "default: the library default)")
+    parser.add_argument("--all-ops", action="store_true", help="keep every op in the --out JSON")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
@@ -261,7 +268,7 @@ def main() -> None:
     summaries = []
     for kind in args.kind:
         summary = profile(kind, remat=args.remat, steps=args.steps, batch=args.batch, seq=args.seq,
-                          rank=args.rank, top=args.top)
+                          rank=args.rank, top=args.top, all_ops=args.all_ops)
         _print(summary)
         summaries.append(summary)
     if args.out:

@@ -4,6 +4,7 @@ Example:
     $ peft-jax train                                  # LoRA on minilm-l6, fine-food reviews
     $ peft-jax train --rank 4 --targets all-linear --epochs 1 --out runs/r4
     $ peft-jax train --config run.yaml --lr 5e-4      # flags override the file
+    $ peft-jax train --out runs/a --resume            # continue a stopped run where it stopped
     $ peft-jax generate --model smollm2-135m --greedy --chat --prompt "What is the capital of France?"
 """
 
@@ -62,8 +63,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="when only upper layers are adapted, run the frozen lower layers once and train "
              "from their cached output (default: on)")
     add("--seed", type=int)
+    add("--mesh", metavar="AXES", help="train over a device mesh, e.g. data=8 or data=2,fsdp=4 "
+                                       "(axes data, fsdp, tensor; default: one device)")
+    add("--save-every", type=int, metavar="K",
+        help="checkpoint to DIR/checkpoints every K steps and at the end (0: only at the end)")
+    add("--keep", type=int, metavar="N", help="keep the last N checkpoints")
+    add("--resume", action="store_true",
+        help="continue the run in --out DIR from its newest checkpoint (same settings)")
     add("--out", metavar="DIR", help="output directory (default: runs/<timestamp>)")
-    add("--overwrite", action="store_true", help="allow a non-empty --out directory")
+    add("--overwrite", action="store_true",
+        help="allow a non-empty --out directory (its old checkpoints are deleted)")
     p.set_defaults(func=_train)
 
 

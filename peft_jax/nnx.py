@@ -393,6 +393,27 @@ def summary(model: nnx.Module) -> ParamSummary:
     return ParamSummary(trainable=trainable, total=trainable + frozen)
 
 
+def seed_adapter_dropout(model: nnx.Module, batch: Any) -> None:
+    """Gives every adapter with dropout in training mode a fresh RNG stream from
+    ``batch["dropout_rng"]`` (inside a traced loss, where RNG state carried in the params cannot
+    advance). Does nothing when no adapter draws dropout masks.
+
+    Raises:
+        BatchError: an adapter needs dropout masks and ``batch`` has no ``"dropout_rng"``.
+    """
+    noisy = [a for _, layer in _adapted_layers(model) for a in layer._live()
+             if a.settings.dropout > 0 and not a.deterministic]
+    if not noisy:
+        return
+    if not (isinstance(batch, dict) and "dropout_rng" in batch):
+        raise errors.BatchError(
+            "the model has adapters with dropout in training mode, so each batch needs a "
+            "fresh key: batch['dropout_rng'] = jax.random.fold_in(key, step) (or call "
+            "model.eval() to train without dropout)")
+    for i, adapter in enumerate(noisy):
+        adapter.rngs = nnx.Rngs(dropout=jax.random.fold_in(batch["dropout_rng"], i))["dropout"]
+
+
 def make_loss(graphdef: nnx.GraphDef, model_loss: Callable[..., Any]) -> Callable[..., Any]:
     """Turns ``model_loss(model, batch)`` into ``loss(trainable, frozen, batch)`` for `make_train_step`.
 
@@ -405,16 +426,7 @@ def make_loss(graphdef: nnx.GraphDef, model_loss: Callable[..., Any]) -> Callabl
 
     def loss(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
-        noisy = [a for _, layer in _adapted_layers(model) for a in layer._live()
-                 if a.settings.dropout > 0 and not a.deterministic]
-        if noisy:
-            if not (isinstance(batch, dict) and "dropout_rng" in batch):
-                raise errors.BatchError(
-                    "the model has adapters with dropout in training mode, so each batch needs a "
-                    "fresh key: batch['dropout_rng'] = jax.random.fold_in(key, step) (or call "
-                    "model.eval() to train without dropout)")
-            for i, adapter in enumerate(noisy):
-                adapter.rngs = nnx.Rngs(dropout=jax.random.fold_in(batch["dropout_rng"], i))["dropout"]
+        seed_adapter_dropout(model, batch)
         return model_loss(model, batch)
 
     return loss

@@ -38,7 +38,8 @@ def trained(tmp_path_factory, model_dir, data_dir):
 
 def test_outputs_exist_and_are_well_formed(trained, capsys):
     assert sorted(p.name for p in trained.iterdir()) == [
-        "adapter", "metrics.jsonl", "metrics.png", "results.json"]
+        "adapter", "checkpoints", "metrics.jsonl", "metrics.png", "results.json"]
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == ["8"]  # the last one
     results = json.loads((trained / "results.json").read_text())
     for key in ("method", "trainable_params", "total_params", "trainable_percent", "test_accuracy",
                 "majority_accuracy", "linear_probe_accuracy", "wall_seconds", "settings"):
@@ -104,11 +105,15 @@ def _assert_nothing_written(tmp_path, out):
     ("--rank", "0", "rank"),
     ("--layers", "x-y", "layers must be a layer spec"),
     ("--layers", "5", "the model has 2 layers"),
+    ("--mesh", "data=3", r"MeshError: mesh \{'data': 3\} needs 3 devices but 8 are available"),
+    ("--mesh", "rows=2", r"MeshError: .*unknown or missing axes \['rows'\]"),
+    ("--mesh", "data=8 --batch-size 12", r"BatchError: --batch-size 12 does not divide .* 8 ways"),
+    ("--resume", None, r"ResumeError: .*checkpoints does not exist, so there is nothing to resume"),
 ])
 def test_bad_input_writes_nothing(tmp_path, capsys, model_dir, data_dir, flag, value, match):
     out = tmp_path / "out"
     argv = ["train", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
-            flag, value]
+            flag, *(value.split() if value is not None else [])]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("peft-jax train: error: ")

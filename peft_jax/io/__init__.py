@@ -19,7 +19,7 @@ from peft_jax.io.adapter import (
     restore_params,
     save_adapter,
 )
-from peft_jax.io.atomic import atomic_directory, write_json_atomic
+from peft_jax.io.atomic import atomic_directory, write_json_atomic, write_text_atomic
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -31,4 +31,5 @@ __all__ = [
     "restore_params",
     "save_adapter",
     "write_json_atomic",
+    "write_text_atomic",
 ]

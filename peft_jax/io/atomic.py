@@ -105,18 +105,17 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
-    """Writes ``obj`` as JSON to ``path`` through a temporary file and a rename.
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: readers see the old
+    file or the new one, never a part.
 
     Example:
-        >>> import pathlib, tempfile, json
-        >>> p = write_json_atomic(pathlib.Path(tempfile.mkdtemp()) / "r.json", {"a": 1})
-        >>> json.loads(p.read_text())
-        {'a': 1}
+        >>> import pathlib, tempfile
+        >>> write_text_atomic(pathlib.Path(tempfile.mkdtemp()) / "a.txt", "hi").read_text()
+        'hi'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=indent, sort_keys=False) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -129,3 +128,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
+    """Writes ``obj`` as JSON to ``path`` atomically (`write_text_atomic`).
+
+    Example:
+        >>> import pathlib, tempfile, json
+        >>> p = write_json_atomic(pathlib.Path(tempfile.mkdtemp()) / "r.json", {"a": 1})
+        >>> json.loads(p.read_text())
+        {'a': 1}
+    """
+    return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")

@@ -21,11 +21,11 @@ from peft_jax.models.rope import RopeScaling
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 #: ``DecoderConfig.remat`` values: what each decoder layer keeps for the backward pass.
 #: ``None`` keeps everything XLA wants; ``"full"`` keeps only each layer's input and recomputes
-#: the layer in the backward pass; ``"projections"`` keeps the outputs of q/k/v, the attention
-#: context, the post-attention residual and gate/up (recomputing norms, RoPE, attention scores and
-#: softmax, the activation and LoRA's thin matmuls); ``"dots"`` / ``"dots_no_batch"`` are JAX's
-#: ``dots_saveable`` / ``dots_with_no_batch_dims_saveable`` (every matmul output / every
-#: non-batched one, LoRA's included).
+#: the layer in the backward pass; ``"projections"`` keeps the outputs of the full-rank
+#: projection matmuls (q, k, v, o, gate, up, down; LoRA's narrow ``x @ A`` too) and recomputes
+#: attention (scores, softmax, ``P V``), norms, RoPE, activations and LoRA's ``(x A) B``;
+#: ``"dots"`` / ``"dots_no_batch"`` are JAX's ``dots_saveable`` /
+#: ``dots_with_no_batch_dims_saveable`` (every matmul output / every non-batched one).
 REMAT_POLICIES = (None, "full", "projections", "dots", "dots_no_batch")
 ACTIVATIONS = ("silu", "gelu_tanh")
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -68,6 +68,10 @@ class DecoderConfig:
         remat: Per-layer rematerialization when training (one of :data:`REMAT_POLICIES`): trades
             recomputation in the backward pass for activation memory. Not an architecture field:
             it changes no result, only what is stored; ``Decoder(..., remat=)`` overrides it.
+            The default, ``"projections"``, is also the fastest on CPU (the recomputed elementwise
+            work costs less than writing and re-reading what it replaces); ``"full"`` saves the
+            most memory for about 15% more step time; ``None`` keeps everything. Remat makes a
+            training forward reverse-mode only (``jax.jvp`` through it needs ``remat=None``).
         model_type: HF ``model_type`` this config came from (informational).
         bos_token_id: Beginning-of-sequence token, if known.
         eos_token_ids: End-of-sequence tokens (default stop tokens of generation).
@@ -104,7 +108,7 @@ class DecoderConfig:
     query_pre_attn_scalar: float | None = None
     mlp_activation: str = "silu"
     sandwich_norms: bool = False
-    remat: str | None = None
+    remat: str | None = "projections"
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

@@ -9,6 +9,10 @@ states all round-trip into the structure of the template they are restored into.
 A checkpoint also records a *fingerprint* of the run (model, method config, ...); resuming with a
 different fingerprint raises `ResumeError` before anything is overwritten.
 
+`save_training_state` / `restore_training_state` store what a training loop needs to continue
+exactly: trainable params, optimizer state, step, RNG key and data position (`peft_jax.train.fit`
+calls the first every ``save_every`` steps).
+
 Example:
     >>> import tempfile, jax.numpy as jnp
     >>> ckpt = Checkpointer(tempfile.mkdtemp(), fingerprint={"model": "tiny"}, keep=2)
@@ -20,8 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -84,13 +90,16 @@ class Checkpointer:
         """The newest finished checkpoint's step, or ``None``."""
         return self._manager.latest_step()
 
+    def metadata(self, step: int) -> dict:
+        """``{"fingerprint": ..., "extra": ...}`` of checkpoint ``step`` (reads no arrays)."""
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def check_fingerprint(self) -> None:
         """Raises `ResumeError` if the directory holds checkpoints of a different run."""
         step = self.latest_step()
         if step is None:
             return
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        saved = meta["fingerprint"]
+        saved = self.metadata(step)["fingerprint"]
         if saved != self.fingerprint:
             diff = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
             details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {self.fingerprint.get(k)!r}" for k in diff)
@@ -118,3 +127,67 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """What a training loop needs to continue exactly where a checkpoint was taken.
+
+    Attributes:
+        step: optimizer steps taken.
+        trainable: trainable params after ``step`` steps.
+        opt_state: optimizer state after ``step`` steps.
+        rng: the loop's RNG key (``None`` if it had none).
+        data_position: where the next batch comes from, as the batch iterator's
+            ``position.to_dict()`` (``None`` if the iterator has no position).
+    """
+
+    step: int
+    trainable: Any
+    opt_state: Any
+    rng: jax.Array | None = None
+    data_position: Mapping[str, Any] | None = None
+
+
+def save_training_state(checkpointer: Checkpointer, state: TrainingState) -> None:
+    """Writes ``state`` as checkpoint ``state.step`` (only what trains; never the frozen base)."""
+    tree = {"trainable": state.trainable, "opt_state": state.opt_state}
+    if state.rng is not None:
+        tree["rng"] = state.rng
+    position = None if state.data_position is None else dict(state.data_position)
+    checkpointer.save(state.step, tree, extra={"data_position": position,
+                                               "has_rng": state.rng is not None})
+
+
+def restore_training_state(checkpointer: Checkpointer, trainable: Any, opt_state: Any, *,
+                           rng: jax.Array | None = None, step: int | None = None
+                           ) -> TrainingState:
+    """The newest (or ``step``'s) `TrainingState`, in the structure of the given templates.
+
+    Args:
+        checkpointer: where the checkpoints are.
+        trainable, opt_state: templates (freshly initialized values of the same run).
+        rng: template of the RNG key, if the run has one.
+        step: a specific checkpoint (default: the newest finished one).
+
+    Raises:
+        ResumeError: no finished checkpoint, checkpoints of a different run (fingerprint), or a
+            checkpoint saved with(out) an RNG key where the run has none (one).
+    """
+    template = {"trainable": trainable, "opt_state": opt_state}
+    if rng is not None:
+        template["rng"] = rng
+    checkpointer.check_fingerprint()
+    latest = checkpointer.latest_step() if step is None else step
+    if latest is None:
+        raise errors.ResumeError(f"no finished checkpoint in {checkpointer.directory} to resume "
+                                 "from; start without resume, or point at the run's directory")
+    meta = checkpointer.metadata(latest)["extra"]
+    if bool(meta.get("has_rng")) != (rng is not None):
+        raise errors.ResumeError(
+            f"checkpoint {latest} in {checkpointer.directory} was saved "
+            f"{'with' if meta.get('has_rng') else 'without'} an RNG key, the run resuming it "
+            f"has {'one' if rng is not None else 'none'}: resume with the same dropout settings")
+    saved_step, tree, extra = checkpointer.restore(template, latest)
+    return TrainingState(saved_step, tree["trainable"], tree["opt_state"], tree.get("rng"),
+                         extra.get("data_position"))

@@ -4,7 +4,13 @@
 frozen, batch) -> (trainable, opt_state, metrics)``). Every ``log_every`` steps it prints a progress
 line (mean loss, tokens/s) and writes a record to a `MetricsLog`; every ``eval_every`` steps, and
 after the last one, it calls ``evaluate(trainable)`` and records the returned metrics with an
-``eval_`` prefix. A NaN or infinite loss stops training with `NonFiniteLossError` at once.
+``eval_`` prefix. Given a `Checkpointer`, it saves a `TrainingState` every ``save_every`` steps
+and after the last one. A NaN or infinite loss stops training with `NonFiniteLossError` at once,
+before that step is saved: the last good checkpoint stays as it was.
+
+To resume, restore the state with `restore_training_state`, rebuild the batch iterator at the
+saved ``data_position`` and pass ``start_step=state.step``; the steps that follow are the same,
+bit for bit, as those of a run that never stopped.
 
 Example:
     >>> import jax.numpy as jnp, numpy as np, optax
@@ -31,6 +37,7 @@ import jax
 import numpy as np
 
 from peft_jax import errors
+from peft_jax.train.checkpoint import Checkpointer, TrainingState, save_training_state
 from peft_jax.train.metrics import MetricsLog, to_python
 
 __all__ = ["FitResult", "count_tokens", "fit"]
@@ -113,7 +120,8 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
         batches: Iterable[Any], *, num_steps: int | None = None,
         evaluate: Evaluate | None = None, eval_every: int = 0, log_every: int = 10,
         log: Callable[[str], None] | None = print, metrics_log: MetricsLog | None = None,
-        rng: jax.Array | None = None, start_step: int = 0) -> FitResult:
+        rng: jax.Array | None = None, start_step: int = 0,
+        checkpointer: Checkpointer | None = None, save_every: int = 0) -> FitResult:
     """Trains until ``num_steps`` steps have run or ``batches`` is exhausted.
 
     Args:
@@ -132,19 +140,28 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
         metrics_log: a `MetricsLog` that receives every record.
         rng: if given, each batch (a dict) gets ``"dropout_rng": fold_in(rng, step)``.
         start_step: the number of steps already taken (only shifts the step counter).
+        checkpointer: where to save `TrainingState`s (trainable, optimizer state, step, ``rng``
+            and ``batches.position`` when the iterable has one).
+        save_every: checkpoint period in steps (0: only after the last step); needs
+            ``checkpointer``.
 
     Returns:
         A `FitResult`.
 
     Raises:
         NonFiniteLossError: a step returned a NaN or infinite loss.
-        InvalidConfigError: a negative ``num_steps``, ``eval_every`` or non-positive ``log_every``.
+        InvalidConfigError: a negative ``num_steps``, ``eval_every`` or ``save_every``, a
+            non-positive ``log_every``, or ``save_every`` without a ``checkpointer``.
     """
     if num_steps is not None and num_steps < 0:
         raise errors.InvalidConfigError(f"num_steps must be >= 0, got {num_steps}")
     if eval_every < 0 or log_every < 1:
         raise errors.InvalidConfigError(
             f"eval_every must be >= 0 and log_every >= 1, got {eval_every} and {log_every}")
+    if save_every < 0 or (save_every and checkpointer is None):
+        raise errors.InvalidConfigError(
+            f"save_every must be >= 0 and needs a checkpointer, got {save_every} and "
+            f"{checkpointer!r}")
     history: list[dict[str, Any]] = []
     total = None if num_steps is None else start_step + num_steps
 
@@ -156,6 +173,11 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
         if log is not None:
             log(_format(entry, total))
 
+    def save(step: int) -> None:
+        position = getattr(batches, "position", None)
+        position = position.to_dict() if hasattr(position, "to_dict") else position
+        save_training_state(checkpointer, TrainingState(step, trainable, opt_state, rng, position))
+
     def run_eval(step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         results = {k: to_python(v) for k, v in evaluate(trainable).items()}
@@ -163,7 +185,7 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
                 "eval_seconds": time.perf_counter() - t0})
         return results
 
-    step, last_eval, evaluated_at = start_step, None, None
+    step, last_eval, evaluated_at, saved_at = start_step, None, None, None
     sums: dict[str, float] = {}
     n_in_interval, tokens, interval_s, train_s = 0, 0, 0.0, 0.0
     iterator = iter(batches)
@@ -191,11 +213,16 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
             record({"step": step, **{k: v / n_in_interval for k, v in sums.items()},
                     "tokens_per_s": tokens / max(interval_s, 1e-9), "elapsed_s": train_s})
             sums, n_in_interval, tokens, interval_s = {}, 0, 0, 0.0
+        if checkpointer is not None and (is_last or (save_every and step % save_every == 0)):
+            save(step)
+            saved_at = step
         if evaluate is not None and eval_every and step % eval_every == 0:
             last_eval, evaluated_at = run_eval(step), step
     if n_in_interval:  # the iterable ended between two log points
         record({"step": step, **{k: v / n_in_interval for k, v in sums.items()},
                 "tokens_per_s": tokens / max(interval_s, 1e-9), "elapsed_s": train_s})
+    if checkpointer is not None and saved_at != step and step > start_step:
+        save(step)
     if evaluate is not None and evaluated_at != step:
         last_eval = run_eval(step)
     return FitResult(trainable, opt_state, step, history, last_eval, train_s)

@@ -29,6 +29,7 @@ import jax
 from flax import nnx
 
 from peft_jax import errors
+from peft_jax import nnx as peft_nnx
 
 __all__ = ["ModelParts", "split_model"]
 
@@ -51,15 +52,14 @@ class ModelParts:
         """``model_loss(model, batch)`` as ``loss(trainable, frozen, batch)`` for
         `peft_jax.train.make_train_step`.
 
-        If ``batch`` holds ``"dropout_rng"`` (see `peft_jax.train.fit`), the model's dropout
-        streams (e.g. LoRA dropout) are reseeded from it, so each step draws fresh masks even
-        though the RNG state travels in ``frozen``.
+        Adapters with dropout draw fresh masks each step from ``batch["dropout_rng"]`` (added
+        by `peft_jax.train.fit`; `peft_jax.nnx.seed_adapter_dropout`), since RNG state that
+        travels in ``frozen`` cannot advance inside the step.
         """
 
         def loss(trainable, frozen, batch):
             model = self.merge(trainable, frozen)
-            if isinstance(batch, dict) and "dropout_rng" in batch:
-                nnx.reseed(model, dropout=batch["dropout_rng"])
+            peft_nnx.seed_adapter_dropout(model, batch)
             return model_loss(model, batch)
 
         return loss

@@ -8,7 +8,9 @@ it computes the majority-class and linear-probe baselines on the frozen encoder,
 * ``adapter/``: ``adapter_model.safetensors`` + ``adapter_config.json`` (atomic),
 * ``metrics.jsonl``: training and evaluation records,
 * ``metrics.png``: loss and accuracy curves with the baselines,
-* ``results.json``: accuracies, parameter counts, wall time and every setting (atomic).
+* ``results.json``: accuracies, parameter counts, wall time and every setting (atomic),
+* ``checkpoints/``: training checkpoints (orbax; the last ``keep``), which ``resume`` continues
+  from: the resumed run ends with the same adapter, bit for bit, as one that never stopped.
 
 Periodic evaluation (``eval_*`` records) runs on the test split to show the learning curve; it
 selects nothing: ``test_accuracy`` is that of the parameters after the last step.
@@ -22,7 +24,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +43,7 @@ from peft_jax.methods import LoraConfig
 from peft_jax.core.paths import tree_items
 from peft_jax.train.baselines import baselines
 from peft_jax.train.buckets import LengthBucketedBatches
+from peft_jax.train.checkpoint import Checkpointer, restore_training_state
 from peft_jax.train.classify import (
     Forward,
     FullForward,
@@ -48,10 +53,11 @@ from peft_jax.train.classify import (
 )
 from peft_jax.train.fit import fit
 from peft_jax.train.head_init import fit_linear_head
-from peft_jax.train.metrics import MetricsLog, plot_metrics
+from peft_jax.train.metrics import MetricsLog, plot_metrics, read_metrics
 from peft_jax.train.parts import split_model
 from peft_jax.train.prefix_cache import PrefixForward, cache_prefix, frozen_depth
 from peft_jax.train.settings import TrainSettings
+from peft_jax.train.sharding import ENCODER_RULES, make_mesh, make_sharded_train_step
 from peft_jax.train.step import make_train_step
 
 __all__ = ["Prepared", "prepare", "run"]
@@ -69,18 +75,61 @@ class Prepared:
     dataset: data.TextClassificationData
     out: Path
     lora: LoraConfig
+    mesh: Any = None
+    resume_step: int | None = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
 
 
 def _out_dir(settings: TrainSettings) -> Path:
+    if settings.resume and not settings.out:
+        raise errors.ResumeError("--resume continues the run in --out DIR; pass its --out")
     out = Path(settings.out) if settings.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
         raise errors.InvalidConfigError(f"--out {out} exists and is not a directory")
+    if settings.resume:
+        return out
     if out.is_dir() and any(out.iterdir()) and not settings.overwrite:
         names = sorted(p.name for p in out.iterdir())[:6]
         raise errors.InvalidConfigError(
-            f"--out {out} already holds files {names}; pass another --out, or --overwrite to "
-            "replace them")
+            f"--out {out} already holds files {names}; pass another --out, --resume to "
+            "continue its run, or --overwrite to replace them")
     return out
+
+
+def _mesh(settings: TrainSettings) -> Any:
+    """The device mesh (``None``: one device); its batch axes must divide the batch size."""
+    shape = settings.mesh_shape()
+    if shape is None:
+        return None
+    mesh = make_mesh(shape)
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if settings.batch_size % ways:
+        raise errors.BatchError(
+            f"--batch-size {settings.batch_size} does not divide over the mesh's batch axes "
+            f"(data x fsdp = {ways} ways); use a multiple of {ways}")
+    return mesh
+
+
+def _resume_step(settings: TrainSettings, out: Path) -> int | None:
+    """The step ``--resume`` continues from; refuses a missing or foreign checkpoint."""
+    if not settings.resume:
+        return None
+    directory = out / "checkpoints"
+    if not directory.is_dir():
+        raise errors.ResumeError(
+            f"--resume: {directory} does not exist, so there is nothing to resume; start the run "
+            "without --resume (or pass the --out of the run to continue)")
+    checkpointer = Checkpointer(str(directory), fingerprint=settings.fingerprint())
+    step = checkpointer.latest_step()
+    if step is None:
+        raise errors.ResumeError(f"--resume: {directory} holds no finished checkpoint; start the "
+                                 "run again without --resume")
+    checkpointer.check_fingerprint()
+    checkpointer.close()
+    return step
 
 
 def prepare(settings: TrainSettings) -> Prepared:
@@ -91,7 +140,9 @@ def prepare(settings: TrainSettings) -> Prepared:
         MissingPackageError: a named model or dataset whose package is not installed.
         UnsupportedArchitectureError: a model that is not a BERT-family encoder.
         InvalidConfigError: a bad selector, layers the model lacks, or a non-empty output
-            directory.
+            directory (without ``resume``).
+        MeshError, BatchError: a mesh that does not fit the devices or the batch size.
+        ResumeError: ``resume`` without a checkpoint, or with one of a different run.
     """
     checkpoint = models.resolve(settings.model)
     if checkpoint.family != "encoder" or checkpoint.kind != "hf_dir":
@@ -104,7 +155,9 @@ def prepare(settings: TrainSettings) -> Prepared:
     lora = LoraConfig(targets=settings.target_selector(num_layers), rank=settings.rank,
                       alpha=settings.alpha, dropout=settings.lora_dropout,
                       modules_to_save=settings.modules_to_save_selector())
-    return Prepared(settings, checkpoint, dataset, _out_dir(settings), lora)
+    mesh = _mesh(settings)
+    out = _out_dir(settings)
+    return Prepared(settings, checkpoint, dataset, out, lora, mesh, _resume_step(settings, out))
 
 
 def _optimizer(settings: TrainSettings, num_steps: int) -> optax.GradientTransformation:
@@ -147,6 +200,34 @@ def _inputs(model: Any, parts: Any, settings: TrainSettings, train_arrays: dict,
     say(f"cached the frozen embeddings + layers 0..{depth - 1} ({cache_bytes / 2**20:.0f} MiB, "
         f"{time.perf_counter() - t0:.1f}s); training runs layers {depth}.. only")
     return PrefixForward(depth), cached[0], cached[1]
+
+
+def _train_step(parts: Any, model_loss: Callable, tx: optax.GradientTransformation, mesh: Any
+                ) -> tuple[Any, Any, Any]:
+    """``(step, trainable, frozen)``: jitted on one device, or over ``mesh`` with the params
+    placed on their shardings (`ENCODER_RULES`; adapters follow their base layers)."""
+    loss = parts.loss(model_loss)
+    if mesh is None:
+        return make_train_step(loss, tx, has_aux=True), parts.trainable, parts.frozen
+    step = make_sharded_train_step(loss, tx, mesh, parts.trainable, parts.frozen,
+                                   rules=ENCODER_RULES, has_aux=True)
+    trainable, frozen = step.place(parts.trainable, parts.frozen)
+    return step, trainable, frozen
+
+
+def _checkpointer(prep: Prepared) -> Checkpointer:
+    """The run's `Checkpointer`; a fresh (``overwrite``) run first deletes old checkpoints."""
+    if not prep.settings.resume and prep.checkpoint_dir.exists():
+        shutil.rmtree(prep.checkpoint_dir)
+    return Checkpointer(str(prep.checkpoint_dir), fingerprint=prep.settings.fingerprint(),
+                        keep=prep.settings.keep)
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drops the records a killed run wrote after its last checkpoint (they are redone)."""
+    if path.exists():
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        io.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -> dict[str, Any]:
@@ -194,30 +275,45 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
 
     model.eval()  # evaluation: no LoRA dropout
     eval_parts = split_model(model)
-    batches = LengthBucketedBatches(train_inputs, s.batch_size, seed=s.seed, bucket=s.bucket)
-    num_steps = s.steps or max(1, math.ceil(s.epochs * batches.steps_per_epoch))
-    eval_every = batches.steps_per_epoch if s.eval_every is None else s.eval_every
+    steps_per_epoch = len(train_inputs["labels"]) // s.batch_size
+    num_steps = s.steps or max(1, math.ceil(s.epochs * steps_per_epoch))
+    eval_every = steps_per_epoch if s.eval_every is None else s.eval_every
     tx = _optimizer(s, num_steps)
     model_loss = make_classification_loss(forward, model_dropout=s.model_dropout)
-    step = make_train_step(parts.loss(model_loss), tx, has_aux=True)
-    evaluate = make_classification_eval(eval_parts, parts.frozen, test_inputs, **kw)
-    use_rng = s.model_dropout or s.lora_dropout > 0
+    step, trainable, frozen = _train_step(parts, model_loss, tx, prep.mesh)
+    evaluate = make_classification_eval(eval_parts, frozen, test_inputs, **kw)
+    rng = jax.random.key(s.seed + 2) if s.model_dropout or s.lora_dropout > 0 else None
+    opt_state = step.init(trainable)
 
-    prep.out.mkdir(parents=True, exist_ok=True)
-    say(f"training {num_steps} steps ({num_steps / batches.steps_per_epoch:.2f} epochs of "
-        f"{batches.steps_per_epoch}), batch {s.batch_size}, lr {s.lr} -> {prep.out}")
-    with MetricsLog(prep.out / "metrics.jsonl") as metrics:
-        result = fit(step, parts.trainable, tx.init(parts.trainable), parts.frozen, batches,
-                     num_steps=num_steps, evaluate=evaluate, eval_every=eval_every,
-                     log_every=s.log_every, log=log, metrics_log=metrics,
-                     rng=jax.random.key(s.seed + 2) if use_rng else None)
+    checkpointer = _checkpointer(prep)
+    start, position = 0, data.DataPosition()
+    if prep.resume_step is not None:
+        state = restore_training_state(checkpointer, trainable, opt_state, rng=rng)
+        start, trainable, opt_state, rng = state.step, state.trainable, state.opt_state, state.rng
+        position = data.DataPosition.from_dict(state.data_position)
+        if prep.mesh is not None:
+            trainable = jax.device_put(trainable, step.trainable)
+            opt_state = jax.device_put(opt_state, step.opt_state)
+        _keep_metrics_until(prep.out / "metrics.jsonl", start)
+        say(f"resuming from the checkpoint of step {start} in {prep.checkpoint_dir}")
+    batches = LengthBucketedBatches(train_inputs, s.batch_size, seed=s.seed, bucket=s.bucket,
+                                    position=position)
+    say(f"training {num_steps} steps ({num_steps / steps_per_epoch:.2f} epochs of "
+        f"{steps_per_epoch}), batch {s.batch_size}, lr {s.lr}"
+        f"{f', mesh {dict(prep.mesh.shape)}' if prep.mesh is not None else ''} -> {prep.out}")
+    with MetricsLog(prep.out / "metrics.jsonl", append=start > 0) as metrics:
+        result = fit(step, trainable, opt_state, frozen, batches,
+                     num_steps=max(num_steps - start, 0), start_step=start, evaluate=evaluate,
+                     eval_every=eval_every, log_every=s.log_every, log=log, metrics_log=metrics,
+                     rng=rng, checkpointer=checkpointer, save_every=s.save_every)
+    checkpointer.close()
     final = result.last_eval or {}
     config = io.lora_config_dict(prep.lora, base_model_name_or_path=s.model,
                                  task_type="SEQ_CLS", num_labels=dataset.num_labels,
                                  label_names=list(dataset.label_names),
                                  adapter_name=ADAPTER_NAME)
     io.save_adapter(prep.out / "adapter", result.trainable, config)
-    plot_metrics(metrics.records, prep.out / "metrics.png",
+    plot_metrics(read_metrics(prep.out / "metrics.jsonl"), prep.out / "metrics.png",
                  title=f"LoRA r={s.rank} on {s.model} / {s.data}",
                  baselines={"linear probe": base.linear_probe_accuracy,
                             "majority": base.majority_accuracy})
@@ -234,7 +330,8 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         "majority_accuracy": base.majority_accuracy,
         "linear_probe_accuracy": base.linear_probe_accuracy,
         "steps": result.step,
-        "epochs": result.step / batches.steps_per_epoch,
+        "epochs": result.step / steps_per_epoch,
+        "resumed_from_step": prep.resume_step,
         "train_seconds": result.train_seconds,
         "baseline_seconds": baseline_seconds,
         "mean_tokens_per_s": float(np.mean(train_tokens)) if train_tokens else None,
@@ -244,6 +341,7 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         "num_test": len(dataset.test),
         "backend": jax.default_backend(),
         "device_count": jax.device_count(),
+        "mesh": dict(prep.mesh.shape) if prep.mesh is not None else None,
         "jax_version": jax.__version__,
         "settings": s.to_dict() | {"out": str(prep.out)},
         "adapter_config": config,

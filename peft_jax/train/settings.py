@@ -24,7 +24,7 @@ from typing import Any
 from peft_jax import errors
 from peft_jax.train.layers import check_layers, parse_layers, restrict_to_layers
 
-__all__ = ["METHODS", "TARGET_PRESETS", "TrainSettings", "load_config_file"]
+__all__ = ["METHODS", "TARGET_PRESETS", "TrainSettings", "load_config_file", "parse_mesh"]
 
 METHODS = ("lora",)
 # Named target sets for BERT-family encoders (peft_jax.models.encoder module names).
@@ -74,8 +74,17 @@ class TrainSettings:
         cache_prefix: when adapters sit only on upper layers, run the frozen lower layers once
             per example and train from their cached output (`peft_jax.train.prefix_cache`).
         seed: seeds LoRA init, the head, shuffling and dropout.
+        mesh: train over a device mesh, e.g. ``"data=8"`` or ``"data=2,fsdp=4"`` (axes
+            ``data``, ``fsdp``, ``tensor``; one size may be ``-1``); ``None``: one device.
+        save_every: save a training checkpoint (adapter, optimizer state, step, RNG, data
+            position) to ``out/checkpoints`` every this many steps and after the last one
+            (0: only after the last one).
+        keep: how many checkpoints to keep.
+        resume: continue the run in ``out`` from its newest checkpoint; the run's settings must
+            match those it was started with (`fingerprint`), except the operational ones.
         out: output directory (``None``: ``runs/<timestamp>``).
-        overwrite: allow ``out`` to be a non-empty directory.
+        overwrite: allow ``out`` to be a non-empty directory (its old checkpoints are deleted
+            when training starts).
     """
 
     model: str = "minilm-l6"
@@ -102,6 +111,10 @@ class TrainSettings:
     model_dropout: bool = False
     cache_prefix: bool = True
     seed: int = 0
+    mesh: str | None = None
+    save_every: int = 100
+    keep: int = 2
+    resume: bool = False
     out: str | None = None
     overwrite: bool = False
 
@@ -114,6 +127,14 @@ class TrainSettings:
         for name in positive_ints:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("seed", self.seed, minimum=0)
+        _check_int("save_every", self.save_every, minimum=0)
+        _check_int("keep", self.keep, minimum=1)
+        if self.mesh is not None:
+            parse_mesh(self.mesh)
+        if self.resume and self.overwrite:
+            raise errors.InvalidConfigError(
+                "resume and overwrite exclude each other: resume continues the run in --out, "
+                "overwrite starts it afresh")
         if self.steps is not None:
             _check_int("steps", self.steps, minimum=1)
         if self.eval_every is not None:
@@ -136,7 +157,7 @@ class TrainSettings:
             raise errors.InvalidConfigError(f"layers must be a string such as '3-5', got "
                                             f"{self.layers!r}")
         check_layers(self.layers)
-        for name in ("model_dropout", "cache_prefix", "overwrite"):
+        for name in ("model_dropout", "cache_prefix", "overwrite", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise errors.InvalidConfigError(f"{name} must be true or false")
 
@@ -158,6 +179,21 @@ class TrainSettings:
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-friendly dict."""
         return dataclasses.asdict(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that shape the training trajectory; a resumed run must match them.
+
+        Left out are the operational ones (output, logging, evaluation, checkpointing, mesh).
+
+        Example:
+            >>> TrainSettings(out="a", log_every=5).fingerprint() == TrainSettings().fingerprint()
+            True
+        """
+        return {k: v for k, v in self.to_dict().items() if k not in _OPERATIONAL}
+
+    def mesh_shape(self) -> dict[str, int] | None:
+        """``mesh`` as axis sizes (``None``: no mesh)."""
+        return None if self.mesh is None else parse_mesh(self.mesh)
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
@@ -189,6 +225,33 @@ class TrainSettings:
         return cls(**values)
 
 
+_OPERATIONAL = ("out", "overwrite", "resume", "save_every", "keep", "log_every", "eval_every",
+                "eval_batch_size", "mesh")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (sizes are checked by `make_mesh`).
+
+    Example:
+        >>> parse_mesh("data=2, tensor=-1")
+        {'data': 2, 'tensor': -1}
+    """
+    shape = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        name, _, size = part.partition("=")
+        try:
+            shape[name.strip()] = int(size)
+        except ValueError:
+            raise errors.MeshError(
+                f"mesh {text!r}: {part!r} is not AXIS=SIZE; write e.g. 'data=2,fsdp=4' with axes "
+                "data, fsdp, tensor") from None
+    unknown = sorted(set(shape) - {"data", "fsdp", "tensor"})
+    if not shape or unknown:
+        raise errors.MeshError(f"mesh {text!r}: unknown or missing axes {unknown}; the axes are "
+                               "data, fsdp, tensor (e.g. 'data=2,fsdp=4')")
+    return shape
+
+
 def _selector(text: str) -> str | list[str]:
     if text in TARGET_PRESETS:
         return list(TARGET_PRESETS[text])
@@ -203,6 +266,8 @@ def _coerce(name: str, value: Any) -> Any:
         if not all(isinstance(v, str) for v in value):
             raise errors.InvalidConfigError(f"{name} must be a list of strings, got {value!r}")
         return ",".join(value)
+    if name == "mesh" and isinstance(value, Mapping):
+        return ",".join(f"{axis}={size}" for axis, size in value.items())
     if name == "layers" and isinstance(value, (int, list, tuple)) and not isinstance(value, bool):
         return ",".join(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
     if name in ("alpha", "lr", "epochs", "lora_dropout", "weight_decay", "warmup") and (
