@@ -90,6 +90,10 @@ class Checkpointer:
         """The newest finished checkpoint's step, or ``None``."""
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps of every finished checkpoint kept, oldest first."""
+        return sorted(self._manager.all_steps())
+
     def metadata(self, step: int) -> dict:
         """``{"fingerprint": ..., "extra": ...}`` of checkpoint ``step`` (reads no arrays)."""
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -108,3 +108,84 @@ def test_count_tokens():
     assert count_tokens({"attention_mask": np.array([[1, 1, 0]])}) == 2
     assert count_tokens({"input_ids": np.zeros((2, 5))}) == 10
     assert count_tokens({"x": np.zeros((4, 3))}) == 4
+
+
+def _bucketed(position=None):
+    from peft_jax.data import DataPosition  # noqa: PLC0415
+    from peft_jax.train.buckets import LengthBucketedBatches  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    arrays = {"x": x, "y": (x @ np.array([1.0, -2.0, 0.5], np.float32) + 0.5).astype(np.float32),
+              "attention_mask": np.ones((40, 4), np.int32)}
+    return LengthBucketedBatches(arrays, 8, seed=3, bucket=4, position=position or DataPosition())
+
+
+def _noisy_problem():
+    """Adam + a loss that reads the per-step dropout key: resuming must restore all of it."""
+    def loss(trainable, frozen, batch):
+        noise = jax.random.normal(batch["dropout_rng"], batch["y"].shape) * 0.1
+        pred = batch["x"] @ trainable["w"] + frozen["b"]
+        return jnp.mean((pred - batch["y"] - noise) ** 2)
+
+    tx = optax.adam(0.05)
+    return make_train_step(loss, tx), tx, {"w": jnp.zeros((3,), jnp.float32)}, {"b": jnp.float32(0.5)}
+
+
+def test_fit_checkpoints_and_resumes_bitwise(tmp_path):
+    from peft_jax.data import DataPosition  # noqa: PLC0415
+    from peft_jax.train import Checkpointer, restore_training_state  # noqa: PLC0415
+
+    step, tx, trainable, frozen = _noisy_problem()
+    fresh = lambda: jax.tree.map(jnp.copy, trainable)  # noqa: E731 (steps donate their inputs)
+    rng = jax.random.key(9)
+    straight = fit(step, fresh(), tx.init(trainable), frozen, _bucketed(), num_steps=12,
+                   log=None, rng=rng)
+
+    ckpt = Checkpointer(str(tmp_path), fingerprint={"problem": "noisy"}, keep=2)
+    fit(step, fresh(), tx.init(trainable), frozen, _bucketed(), num_steps=7, log=None, rng=rng,
+        checkpointer=ckpt, save_every=3)
+    assert ckpt.all_steps() == [6, 7]  # every 3 and the last, keeping 2
+    state = restore_training_state(ckpt, trainable, tx.init(trainable), rng=jax.random.key(0))
+    assert state.step == 7 and state.data_position == {"epoch": 1, "index": 2}  # 5 batches/epoch
+    assert np.array_equal(jax.random.key_data(state.rng), jax.random.key_data(rng))
+    resumed = fit(step, state.trainable, state.opt_state, frozen,
+                  _bucketed(DataPosition.from_dict(state.data_position)), num_steps=5,
+                  start_step=state.step, log=None, rng=state.rng)
+    assert resumed.step == 12
+    assert np.array_equal(np.asarray(straight.trainable["w"]), np.asarray(resumed.trainable["w"]))
+
+
+def test_non_finite_loss_leaves_the_last_good_checkpoint(tmp_path):
+    from peft_jax.train import Checkpointer, restore_training_state  # noqa: PLC0415
+
+    step, tx, trainable, frozen = _problem()
+    fresh = lambda: jax.tree.map(jnp.copy, trainable)  # noqa: E731 (steps donate their inputs)
+
+    def poisoned():
+        for i, batch in enumerate(_batches(20)):
+            if i == 6:
+                batch["y"] = batch["y"] * np.float32(np.nan)
+            yield batch
+
+    ckpt = Checkpointer(str(tmp_path), fingerprint={}, keep=5)
+    good = fit(step, fresh(), tx.init(trainable), frozen, _batches(4), num_steps=4, log=None)
+    with pytest.raises(errors.NonFiniteLossError):
+        fit(step, fresh(), tx.init(trainable), frozen, poisoned(), num_steps=20, log=None,
+            checkpointer=ckpt, save_every=2)
+    assert ckpt.all_steps() == [2, 4, 6]  # step 7 diverged and was not saved
+    state = restore_training_state(ckpt, trainable, tx.init(trainable), step=4)
+    assert np.array_equal(np.asarray(state.trainable["w"]), np.asarray(good.trainable["w"]))
+    assert state.data_position is None  # a generator has no position to save
+
+
+def test_resume_with_a_different_rng_setting_is_refused(tmp_path):
+    from peft_jax.train import Checkpointer, restore_training_state  # noqa: PLC0415
+
+    step, tx, trainable, frozen = _problem()
+    ckpt = Checkpointer(str(tmp_path), fingerprint={}, keep=1)
+    fit(step, trainable, tx.init(trainable), frozen, _batches(2), log=None, checkpointer=ckpt)
+    with pytest.raises(errors.ResumeError, match="without an RNG key"):
+        restore_training_state(ckpt, trainable, tx.init(trainable), rng=jax.random.key(0))
+    with pytest.raises(errors.InvalidConfigError, match="needs a checkpointer"):
+        fit(step, trainable, tx.init(trainable), frozen, [], save_every=2)
