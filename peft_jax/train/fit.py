@@ -2,7 +2,8 @@
 
 ``fit`` drives a step built by `peft_jax.train.make_train_step` (``step(trainable, opt_state,
 frozen, batch) -> (trainable, opt_state, metrics)``). Every ``log_every`` steps it prints a progress
-line (mean loss, tokens/s) and writes a record to a `MetricsLog`; every ``eval_every`` steps, and
+line (mean loss, tokens/s) and writes a record to a `MetricsLog` (on a terminal, a
+`ProgressBar` also shows every step); every ``eval_every`` steps, and
 after the last one, it calls ``evaluate(trainable)`` and records the returned metrics with an
 ``eval_`` prefix. Given a `Checkpointer`, it saves a `TrainingState` every ``save_every`` steps
 and after the last one. A NaN or infinite loss stops training with `NonFiniteLossError` at once,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -39,6 +41,7 @@ import numpy as np
 from peft_jax import errors
 from peft_jax.train.checkpoint import Checkpointer, TrainingState, save_training_state
 from peft_jax.train.metrics import MetricsLog, to_python
+from peft_jax.train.progress import ProgressBar
 
 __all__ = ["FitResult", "count_tokens", "fit"]
 
@@ -121,7 +124,8 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
         evaluate: Evaluate | None = None, eval_every: int = 0, log_every: int = 10,
         log: Callable[[str], None] | None = print, metrics_log: MetricsLog | None = None,
         rng: jax.Array | None = None, start_step: int = 0,
-        checkpointer: Checkpointer | None = None, save_every: int = 0) -> FitResult:
+        checkpointer: Checkpointer | None = None, save_every: int = 0,
+        progress: bool | None = None) -> FitResult:
     """Trains until ``num_steps`` steps have run or ``batches`` is exhausted.
 
     Args:
@@ -144,6 +148,8 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
             and ``batches.position`` when the iterable has one).
         save_every: checkpoint period in steps (0: only after the last step); needs
             ``checkpointer``.
+        progress: draw a `ProgressBar` on standard output (``None``: when ``log`` is set and
+            standard output is a terminal).
 
     Returns:
         A `FitResult`.
@@ -164,6 +170,9 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
             f"{checkpointer!r}")
     history: list[dict[str, Any]] = []
     total = None if num_steps is None else start_step + num_steps
+    if progress is None:
+        progress = log is not None and sys.stdout.isatty()
+    bar = ProgressBar(total, start=start_step) if progress else None
 
     def record(entry: dict[str, Any]) -> None:
         entry = to_python(entry)
@@ -171,7 +180,10 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
         if metrics_log is not None:
             metrics_log.write(entry)
         if log is not None:
-            log(_format(entry, total))
+            if bar is not None:
+                bar.above(log, _format(entry, total))
+            else:
+                log(_format(entry, total))
 
     def save(step: int) -> None:
         position = getattr(batches, "position", None)
@@ -188,41 +200,48 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
     step, last_eval, evaluated_at, saved_at = start_step, None, None, None
     sums: dict[str, float] = {}
     n_in_interval, tokens, interval_s, train_s = 0, 0, 0.0, 0.0
-    iterator = iter(batches)
-    while total is None or step < total:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            break
-        if rng is not None:
-            batch = {**batch, "dropout_rng": jax.random.fold_in(rng, step)}
-        t0 = time.perf_counter()
-        trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch)
-        scalars = _scalars(metrics)  # waits for the step: the time below is the step's own
-        dt = time.perf_counter() - t0
-        step += 1
-        _check_finite(scalars.get("loss", 0.0), step)
-        interval_s += dt
-        train_s += dt
-        tokens += count_tokens(batch)
-        n_in_interval += 1
-        for key, value in scalars.items():
-            sums[key] = sums.get(key, 0.0) + value
-        is_last = total is not None and step == total
-        if step % log_every == 0 or is_last:
+    try:
+        iterator = iter(batches)
+        while total is None or step < total:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            if rng is not None:
+                batch = {**batch, "dropout_rng": jax.random.fold_in(rng, step)}
+            t0 = time.perf_counter()
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch)
+            scalars = _scalars(metrics)  # waits for the step: the time below is the step's own
+            dt = time.perf_counter() - t0
+            step += 1
+            _check_finite(scalars.get("loss", 0.0), step)
+            interval_s += dt
+            train_s += dt
+            tokens += count_tokens(batch)
+            n_in_interval += 1
+            for key, value in scalars.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if bar is not None:
+                bar.update(step, loss=scalars.get("loss"),
+                           tokens_per_s=tokens / max(interval_s, 1e-9))
+            is_last = total is not None and step == total
+            if step % log_every == 0 or is_last:
+                record({"step": step, **{k: v / n_in_interval for k, v in sums.items()},
+                        "tokens_per_s": tokens / max(interval_s, 1e-9), "elapsed_s": train_s})
+                sums, n_in_interval, tokens, interval_s = {}, 0, 0, 0.0
+            if checkpointer is not None and (is_last or (save_every and step % save_every == 0)):
+                save(step)
+                saved_at = step
+            if evaluate is not None and eval_every and step % eval_every == 0:
+                last_eval, evaluated_at = run_eval(step), step
+        if n_in_interval:  # the iterable ended between two log points
             record({"step": step, **{k: v / n_in_interval for k, v in sums.items()},
                     "tokens_per_s": tokens / max(interval_s, 1e-9), "elapsed_s": train_s})
-            sums, n_in_interval, tokens, interval_s = {}, 0, 0, 0.0
-        if checkpointer is not None and (is_last or (save_every and step % save_every == 0)):
+        if checkpointer is not None and saved_at != step and step > start_step:
             save(step)
-            saved_at = step
-        if evaluate is not None and eval_every and step % eval_every == 0:
-            last_eval, evaluated_at = run_eval(step), step
-    if n_in_interval:  # the iterable ended between two log points
-        record({"step": step, **{k: v / n_in_interval for k, v in sums.items()},
-                "tokens_per_s": tokens / max(interval_s, 1e-9), "elapsed_s": train_s})
-    if checkpointer is not None and saved_at != step and step > start_step:
-        save(step)
-    if evaluate is not None and evaluated_at != step:
-        last_eval = run_eval(step)
+        if evaluate is not None and evaluated_at != step:
+            last_eval = run_eval(step)
+    finally:  # the bar ends its line, also when training stops with an error
+        if bar is not None:
+            bar.close()
     return FitResult(trainable, opt_state, step, history, last_eval, train_s)

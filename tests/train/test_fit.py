@@ -189,3 +189,23 @@ def test_resume_with_a_different_rng_setting_is_refused(tmp_path):
         restore_training_state(ckpt, trainable, tx.init(trainable), rng=jax.random.key(0))
     with pytest.raises(errors.InvalidConfigError, match="needs a checkpointer"):
         fit(step, trainable, tx.init(trainable), frozen, [], save_every=2)
+
+
+def test_progress_bar_on_a_terminal_and_log_lines_above_it(capsys):
+    step, tx, trainable, frozen = _problem()
+    fit(step, trainable, tx.init(trainable), frozen, _batches(6), num_steps=6, log_every=3,
+        log=print, progress=True)
+    out = capsys.readouterr().out
+    assert "\r\033[K[" in out and "6/6 | loss " in out and "tok/s" in out
+    assert out.endswith("\n")
+    lines = [line.split("\r")[-1] for line in out.split("\n")]
+    assert any(line.startswith("\033[Kstep 3/6 | ") or line.startswith("step 3/6 | ")
+               for line in lines), lines  # log lines are printed above the bar, whole
+
+
+def test_no_progress_bar_off_a_terminal(capsys):
+    step, tx, trainable, frozen = _problem()
+    fit(step, trainable, tx.init(trainable), frozen, _batches(4), num_steps=4, log_every=2,
+        log=print)  # pytest's captured stdout is no terminal
+    out = capsys.readouterr().out
+    assert "\r" not in out and out.count("\n") == 2
