@@ -230,6 +230,38 @@ def _keep_metrics_until(path: Path, step: int) -> None:
         io.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+def _train(prep: Prepared, step: Any, trainable: Any, frozen: Any, train_inputs: dict, *,
+           evaluate: Callable, rng: Any, num_steps: int, eval_every: int,
+           log: Callable[[str], None] | None) -> Any:
+    """Fits from step 0, or from the newest checkpoint with ``resume``; returns the `FitResult`."""
+    s, say = prep.settings, log or (lambda _: None)
+    opt_state = step.init(trainable)
+    checkpointer = _checkpointer(prep)
+    start, position = 0, data.DataPosition()
+    if prep.resume_step is not None:
+        state = restore_training_state(checkpointer, trainable, opt_state, rng=rng)
+        start, trainable, opt_state, rng = state.step, state.trainable, state.opt_state, state.rng
+        position = data.DataPosition.from_dict(state.data_position)
+        if prep.mesh is not None:
+            trainable = jax.device_put(trainable, step.trainable)
+            opt_state = jax.device_put(opt_state, step.opt_state)
+        _keep_metrics_until(prep.out / "metrics.jsonl", start)
+        say(f"resuming from the checkpoint of step {start} in {prep.checkpoint_dir}")
+    batches = LengthBucketedBatches(train_inputs, s.batch_size, seed=s.seed, bucket=s.bucket,
+                                    position=position)
+    epochs = num_steps / batches.steps_per_epoch
+    say(f"training {num_steps} steps ({epochs:.2f} epochs of {batches.steps_per_epoch}), batch "
+        f"{s.batch_size}, lr {s.lr}"
+        f"{f', mesh {dict(prep.mesh.shape)}' if prep.mesh is not None else ''} -> {prep.out}")
+    with MetricsLog(prep.out / "metrics.jsonl", append=start > 0) as metrics:
+        result = fit(step, trainable, opt_state, frozen, batches,
+                     num_steps=max(num_steps - start, 0), start_step=start, evaluate=evaluate,
+                     eval_every=eval_every, log_every=s.log_every, log=log, metrics_log=metrics,
+                     rng=rng, checkpointer=checkpointer, save_every=s.save_every)
+    checkpointer.close()
+    return result
+
+
 def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Runs the whole recipe and returns the contents of ``results.json``.
 
@@ -283,30 +315,9 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     step, trainable, frozen = _train_step(parts, model_loss, tx, prep.mesh)
     evaluate = make_classification_eval(eval_parts, frozen, test_inputs, **kw)
     rng = jax.random.key(s.seed + 2) if s.model_dropout or s.lora_dropout > 0 else None
-    opt_state = step.init(trainable)
 
-    checkpointer = _checkpointer(prep)
-    start, position = 0, data.DataPosition()
-    if prep.resume_step is not None:
-        state = restore_training_state(checkpointer, trainable, opt_state, rng=rng)
-        start, trainable, opt_state, rng = state.step, state.trainable, state.opt_state, state.rng
-        position = data.DataPosition.from_dict(state.data_position)
-        if prep.mesh is not None:
-            trainable = jax.device_put(trainable, step.trainable)
-            opt_state = jax.device_put(opt_state, step.opt_state)
-        _keep_metrics_until(prep.out / "metrics.jsonl", start)
-        say(f"resuming from the checkpoint of step {start} in {prep.checkpoint_dir}")
-    batches = LengthBucketedBatches(train_inputs, s.batch_size, seed=s.seed, bucket=s.bucket,
-                                    position=position)
-    say(f"training {num_steps} steps ({num_steps / steps_per_epoch:.2f} epochs of "
-        f"{steps_per_epoch}), batch {s.batch_size}, lr {s.lr}"
-        f"{f', mesh {dict(prep.mesh.shape)}' if prep.mesh is not None else ''} -> {prep.out}")
-    with MetricsLog(prep.out / "metrics.jsonl", append=start > 0) as metrics:
-        result = fit(step, trainable, opt_state, frozen, batches,
-                     num_steps=max(num_steps - start, 0), start_step=start, evaluate=evaluate,
-                     eval_every=eval_every, log_every=s.log_every, log=log, metrics_log=metrics,
-                     rng=rng, checkpointer=checkpointer, save_every=s.save_every)
-    checkpointer.close()
+    result = _train(prep, step, trainable, frozen, train_inputs, evaluate=evaluate, rng=rng,
+                    num_steps=num_steps, eval_every=eval_every, log=log)
     final = result.last_eval or {}
     config = io.lora_config_dict(prep.lora, base_model_name_or_path=s.model,
                                  task_type="SEQ_CLS", num_labels=dataset.num_labels,
