@@ -61,21 +61,27 @@ class _StopAfter(Exception):
     pass
 
 
+def _stop_after(monkeypatch, argv, line_start):
+    """Runs ``peft-jax`` until it prints a line starting with ``line_start``, then dies there."""
+    real_print = print
+
+    def stopping_print(*args, **kwargs):
+        real_print(*args, **kwargs)
+        if args and str(args[0]).startswith(line_start):
+            raise _StopAfter
+
+    monkeypatch.setattr("builtins.print", stopping_print)
+    with pytest.raises(_StopAfter):
+        cli.main(argv)
+    monkeypatch.undo()
+
+
 def test_stop_then_resume_is_bitwise_exact(tmp_path, paths, monkeypatch, capsys):
     straight = tmp_path / "straight"
     assert cli.main(_argv(paths, straight, 8, "--save-every", "2")) == 0
     stopped = tmp_path / "stopped"
-    real_print = print
-
-    def stop_at_step_6(*args, **kwargs):  # the run dies right after step 6 is logged
-        real_print(*args, **kwargs)
-        if args and str(args[0]).startswith("step 6/8"):
-            raise _StopAfter
-
-    monkeypatch.setattr("builtins.print", stop_at_step_6)
-    with pytest.raises(_StopAfter):
-        cli.main(_argv(paths, stopped, 8, "--save-every", "2", "--keep", "5"))
-    monkeypatch.undo()
+    _stop_after(monkeypatch, _argv(paths, stopped, 8, "--save-every", "2", "--keep", "5"),
+                "step 6/8")  # the run dies right after step 6 is logged
     assert _checkpoint_steps(stopped) == [2, 4]  # step 6 was logged, not yet saved
     assert max(r["step"] for r in read_metrics(stopped / "metrics.jsonl")) == 6
 
@@ -165,3 +171,13 @@ def test_mesh_trains_the_same_adapter(tmp_path, paths):
     assert sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
+
+
+def test_resume_on_a_mesh_is_bitwise_exact(tmp_path, paths, monkeypatch):
+    mesh = ("--mesh", "data=2,fsdp=2,tensor=2", "--save-every", "2")
+    straight = tmp_path / "straight"
+    assert cli.main(_argv(paths, straight, 6, *mesh)) == 0
+    stopped = tmp_path / "stopped"
+    _stop_after(monkeypatch, _argv(paths, stopped, 6, *mesh), "step 3/6")
+    assert cli.main(_argv(paths, stopped, 6, *mesh, "--resume")) == 0
+    _assert_bitwise_equal(_adapter(straight), _adapter(stopped))
