@@ -39,7 +39,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add("--lora-dropout", type=float, help="dropout on the LoRA input")
     add("--targets", help="comma-separated module names, a preset (attention, all-linear) or a "
                           "regex on '/'-joined module paths")
-    add("--layers", help="adapt only these encoder layers, e.g. 3-5 or 0,2 (default: all)")
+    add("--layers", help="adapt only these encoder layers: top:K, 3-5, 0,2 or all (default: top:3)")
     add("--modules-to-save", help="modules trained fully (default: classifier)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, help="optimizer steps", default=argparse.SUPPRESS)
