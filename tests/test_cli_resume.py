@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from peft_jax import cli, io
 from peft_jax.train.metrics import read_metrics
 from train import tiny
+from train.killing import kill_after_progress
 
 # Dropout on, so the restored RNG key matters as much as the params, optimizer state and data.
 RUN = ["--max-length", "16", "--bucket", "8", "--batch-size", "8", "--eval-batch-size", "24",
@@ -103,32 +103,21 @@ def test_stop_then_resume_is_bitwise_exact(tmp_path, paths, monkeypatch, capsys)
 
 def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path, paths):
     steps = 30
-    env = dict(os.environ)
     command = [sys.executable, "-m", "peft_jax.cli"]
     straight = tmp_path / "straight"
-    subprocess.run(command + _argv(paths, straight, steps), check=True, timeout=600, env=env,
+    subprocess.run(command + _argv(paths, straight, steps), check=True, timeout=600,
                    capture_output=True)
     out = tmp_path / "killed"
     rng = random.Random(1)
     kills = 0
     for attempt in range(5):
-        before = max(_checkpoint_steps(out), default=0)
         argv = _argv(paths, out, steps, "--save-every", "1", *(["--resume"] if attempt else []))
-        proc = subprocess.Popen(command + argv, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while proc.poll() is None and time.time() < deadline:  # progress first, then a kill
-            if max(_checkpoint_steps(out), default=0) > before:
-                break
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))
-        if proc.poll() is not None:
+        if not kill_after_progress(command + argv, lambda: max(_checkpoint_steps(out), default=0),
+                                   rng, max_pause=0.3):
             break
-        proc.kill()
-        proc.wait()
         kills += 1
     subprocess.run(command + _argv(paths, out, steps, "--save-every", "1", "--resume"),
-                   check=True, timeout=600, env=env, capture_output=True)
+                   check=True, timeout=600, capture_output=True)
     assert kills >= 1
     _assert_bitwise_equal(_adapter(straight), _adapter(out))
 

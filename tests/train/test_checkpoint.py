@@ -18,6 +18,7 @@ from peft_jax.train.checkpoint import Checkpointer
 
 sys.path.insert(0, os.path.dirname(__file__))
 import resume_worker  # noqa: E402
+from killing import kill_after_progress  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "resume_worker.py")
 
@@ -59,21 +60,15 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
     rng = random.Random(0)
     out = tmp_path / "killed.npy"
     run_dir = tmp_path / "run"
+
+    def latest_step():
+        return max((int(p) for p in os.listdir(run_dir) if p.isdigit()), default=0) if run_dir.exists() else 0
+
     kills = 0
     for _ in range(6):
-        before = max((int(p) for p in os.listdir(run_dir) if p.isdigit()), default=0) if run_dir.exists() else 0
-        proc = subprocess.Popen([sys.executable, WORKER, "train", str(run_dir), str(total), str(out)])
-        deadline = time.time() + 300
-        while proc.poll() is None and time.time() < deadline:  # wait for progress, then kill at random
-            done = max((int(p) for p in os.listdir(run_dir) if p.isdigit()), default=0) if run_dir.exists() else 0
-            if done > before:
-                break
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.5))
-        if proc.poll() is not None:
+        command = [sys.executable, WORKER, "train", str(run_dir), str(total), str(out)]
+        if not kill_after_progress(command, latest_step, rng, max_pause=0.5):
             break
-        proc.kill()
-        proc.wait()
         kills += 1
     subprocess.run([sys.executable, WORKER, "train", str(run_dir), str(total), str(out)],
                    check=True, timeout=600)
