@@ -21,7 +21,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import Array
 
@@ -228,18 +227,6 @@ class DecoderLayer(nnx.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
 
 
-def _rope_table_lookup(positions: Array, inv_freq: np.ndarray, size: int) -> tuple[Array, Array]:
-    """:func:`rope.rope_angles` for ``0 <= positions < size``, read from tables built in numpy.
-
-    Computed from ``positions`` directly, XLA:CPU fuses the cosine and sine into every consumer
-    and so evaluates them again for each head of q and k in every layer, forward and backward;
-    the constant tables cost one lookup per element instead.
-    """
-    angles = np.arange(size, dtype=np.float32)[:, None] * inv_freq[None, :]
-    cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
-    return cos[positions][:, :, None, :], sin[positions][:, :, None, :]
-
-
 def _check_room(cache: KVCache, new_tokens: int) -> None:
     """Fail early (outside jit, where the length is known) instead of silently clamping writes."""
     if isinstance(cache.length, jax.core.Tracer):
@@ -345,7 +332,7 @@ class Decoder(nnx.Module):
             if (theta, scaling) not in tables:
                 inv = rope.inverse_frequencies(self.config.head_dim, theta, scaling)
                 if default_positions and cache is None:  # positions < t: look them up
-                    tables[theta, scaling] = _rope_table_lookup(positions, inv, t)
+                    tables[theta, scaling] = rope.rope_angles_from_table(positions, inv, t)
                 else:
                     tables[theta, scaling] = rope.rope_angles(positions, inv)
             if policy is not None:

@@ -104,6 +104,26 @@ def rope_angles(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
 
+def rope_angles_from_table(positions: Array, inv_freq: np.ndarray, size: int
+                           ) -> tuple[Array, Array]:
+    """:func:`rope_angles` for ``0 <= positions < size``, read from tables built in numpy.
+
+    Computed from ``positions`` directly, XLA:CPU fuses the cosine and sine into every consumer
+    and so evaluates them again for each head of q and k in every layer, forward and backward;
+    constant tables cost one lookup per element instead. Values agree with :func:`rope_angles`
+    to about an ulp (numpy's cos/sin vs XLA's).
+
+    Example:
+        >>> inv = inverse_frequencies(4, 1e4)
+        >>> cos, _ = rope_angles_from_table(jnp.zeros((1, 2), jnp.int32), inv, 2)
+        >>> cos.shape
+        (1, 2, 1, 2)
+    """
+    angles = np.arange(size, dtype=np.float32)[:, None] * inv_freq[None, :]
+    cos, sin = jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+    return cos[positions][:, :, None, :], sin[positions][:, :, None, :]
+
+
 def apply_rope(x: Array, positions_or_angles: Array | tuple[Array, Array], inv_freq: np.ndarray | None = None) -> Array:
     """Rotate ``x`` ``[batch, seq, heads, head_dim]`` by its positions (HF "rotate half" layout).
 
