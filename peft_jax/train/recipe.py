@@ -57,7 +57,8 @@ from peft_jax.train.metrics import MetricsLog, plot_metrics, read_metrics
 from peft_jax.train.parts import split_model
 from peft_jax.train.prefix_cache import PrefixForward, cache_prefix, frozen_depth
 from peft_jax.train.settings import TrainSettings
-from peft_jax.train.sharding import ENCODER_RULES, make_mesh, make_sharded_train_step
+from peft_jax.train.sharding import (ENCODER_RULES, batch_ways, make_mesh,
+                                     make_sharded_train_step)
 from peft_jax.train.step import make_train_step
 
 __all__ = ["Prepared", "prepare", "run"]
@@ -105,7 +106,7 @@ def _mesh(settings: TrainSettings) -> Any:
     if shape is None:
         return None
     mesh = make_mesh(shape)
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = batch_ways(mesh)
     if settings.batch_size % ways:
         raise errors.BatchError(
             f"--batch-size {settings.batch_size} does not divide over the mesh's batch axes "

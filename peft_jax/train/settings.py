@@ -23,6 +23,7 @@ from typing import Any
 
 from peft_jax import errors
 from peft_jax.train.layers import check_layers, parse_layers, restrict_to_layers
+from peft_jax.train.sharding import AXES
 
 __all__ = ["METHODS", "TARGET_PRESETS", "TrainSettings", "load_config_file", "parse_mesh"]
 
@@ -245,10 +246,10 @@ def parse_mesh(text: str) -> dict[str, int]:
             raise errors.MeshError(
                 f"mesh {text!r}: {part!r} is not AXIS=SIZE; write e.g. 'data=2,fsdp=4' with axes "
                 "data, fsdp, tensor") from None
-    unknown = sorted(set(shape) - {"data", "fsdp", "tensor"})
+    unknown = sorted(set(shape) - set(AXES))
     if not shape or unknown:
         raise errors.MeshError(f"mesh {text!r}: unknown or missing axes {unknown}; the axes are "
-                               "data, fsdp, tensor (e.g. 'data=2,fsdp=4')")
+                               f"{', '.join(AXES)} (e.g. 'data=2,fsdp=4')")
     return shape
 
 

@@ -47,8 +47,8 @@ from peft_jax import errors
 from peft_jax.core import Rules, map_with_path, tree_items
 from peft_jax.train.step import init_opt_state, make_step_fn, step_options
 
-__all__ = ["AXES", "BATCH_AXES", "DECODER_RULES", "ENCODER_RULES", "ShardedStep", "make_mesh",
-           "make_sharded_train_step", "param_specs"]
+__all__ = ["AXES", "BATCH_AXES", "DECODER_RULES", "ENCODER_RULES", "ShardedStep", "batch_ways",
+           "make_mesh", "make_sharded_train_step", "param_specs"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -221,6 +221,16 @@ def _follow_params(opt_shapes: Any, trainable: Any, trainable_shardings: Any, re
     return map_with_path(pick, opt_shapes)
 
 
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways a batch is split over ``mesh``: ``mesh.shape["data"] * mesh.shape["fsdp"]``.
+
+    Example:
+        >>> batch_ways(make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+        4
+    """
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 class ShardedStep:
     """A train step jitted over a mesh; build it with `make_sharded_train_step`.
 
@@ -238,8 +248,8 @@ class ShardedStep:
 
     @property
     def data_size(self) -> int:
-        """How many ways a batch is split: ``mesh.shape["data"] * mesh.shape["fsdp"]``."""
-        return math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+        """How many ways a batch is split (`batch_ways` of the mesh)."""
+        return batch_ways(self.mesh)
 
     def init(self, trainable: Any) -> Any:
         """The optimizer state, created sharded like the trainable leaves it belongs to."""
