@@ -45,6 +45,14 @@ class StateError(PeftError, RuntimeError):
     """An operation does not fit the current state (e.g. unmerge of an adapter never merged)."""
 
 
+class NotMergeableError(PeftError, TypeError):
+    """A method whose effect cannot be folded into the base weights was asked to merge."""
+
+
+class IncompatibleMethodsError(PeftError, ValueError):
+    """Two methods were put on one site where they cannot compose; the message names both."""
+
+
 # --- models, checkpoints, files --------------------------------------------------------------
 class UnknownNameError(PeftError, KeyError):
     """An unknown model, dataset or method name; the message lists the known ones."""

@@ -1,56 +1,174 @@
-"""The interface every weight method implements, and the per-layer settings it receives.
+"""The one interface every PEFT method implements: a method is its config, and it wraps a call.
 
-A weight method turns a layer ``y = op(x, W)`` into ``y + delta(x)``. It is pure math on arrays
-(`peft_jax.ops.LinearOp` describes the layer); the NNX and Linen front-ends call it.
+A method is a frozen, keyword-only dataclass holding its hyper-parameters (``Lora(rank=8)``,
+``IA3()``, ``Vera(rank=256)``) and its pure math. It is attached at a *site* of a model and
+wraps the base call there::
+
+    out = method.apply(params, shared, site, call, x, base, ctx)
+
+``call(x)`` runs what the model would have run (the base layer, or the methods attached before
+this one, which fold in attach order). ``base`` holds the site's own frozen arrays (``"kernel"``,
+``"bias"``, or a module's whole param tree). LoRA returns ``call(x) + s * (x A) B``; IA3 on a
+feed-forward input returns ``call(l * x)``; a trained copy calls the base with other params.
+
+Sites (a small closed set, each front-end implements them once):
+
+* ``"linear"``: a layer that is a linear map of its kernel (Dense ... Embed; see `peft_jax.ops`).
+* ``"module"``: any module, whose params the method may replace (LayerNorm tuning,
+  ``modules_to_save``) or train in place (BitFit).
+
+Module-output, input and attention sites come with the bottleneck-adapter and prompt methods.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from peft_jax.methods import Lora, LinearSite
+    >>> from peft_jax.ops import dense_op
+    >>> site = LinearSite(path="q", op=dense_op(4, 3), layer="Linear", has_bias=False)
+    >>> method = Lora(rank=2, alpha=4.0)
+    >>> method.scale, sorted(method.param_shapes(site))
+    (2.0, ['lora_a', 'lora_b'])
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, Callable, ClassVar, Mapping
 
 import jax
 
+from peft_jax import errors
 from peft_jax.ops import LinearOp
 
-Params = dict[str, jax.Array]
+Params = dict[str, Any]
+Call = Callable[..., Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class TargetSettings:
-    """What one adapted layer was given: its rank, alpha, scale and input-dropout rate."""
+class LinearSite:
+    """A layer that computes ``op(x, kernel) (+ bias)``: what a weight method may rely on."""
 
-    rank: int
-    alpha: float
-    scale: float
-    dropout: float
+    path: str
+    op: LinearOp
+    layer: str
+    has_bias: bool
+    kind: ClassVar[str] = "linear"
 
 
-class WeightMethod(Protocol):
-    """Pure functions of (adapter params, layer op, base kernel).
+@dataclasses.dataclass(frozen=True)
+class ModuleSite:
+    """Any module: its path, class name and the shapes of its own params (a nested dict)."""
 
-    ``delta`` must not build ``W + scale * A @ B``: only ``merge`` materialises a kernel.
+    path: str
+    layer: str
+    param_shapes: Mapping[str, Any]
+    op: LinearOp | None = None
+    kind: ClassVar[str] = "module"
+
+
+Site = LinearSite | ModuleSite
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Per-call facts: the dropout key (``None`` in eval mode or without randomness)."""
+
+    key: jax.Array | None = None
+
+    def fold(self, salt: int) -> "Context":
+        """A context whose key is independent of this one's (for a second random draw)."""
+        return self if self.key is None else Context(jax.random.fold_in(self.key, salt))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Method:
+    """Base class of every method; fields live only on the final dataclasses.
+
+    Subclasses set ``sites`` (the site kinds they attach to) and ``name`` (their table entry,
+    used by ``io/`` and `summary`), and implement `init` and `apply`.
     """
 
-    name: str
+    name: ClassVar[str] = "method"
+    sites: ClassVar[tuple[str, ...]] = ("linear",)
+    #: base leaves (of the site's own params) this method trains in place, e.g. ``("bias",)``.
+    trains_base: ClassVar[tuple[str, ...]] = ()
 
-    def init(self, key: jax.Array, op: LinearOp, kernel: jax.Array, settings: TargetSettings,
-             initializer: Any) -> tuple[Params, jax.Array | None]:
-        """Returns the adapter params and, for PiSSA-like inits, the replacement base kernel."""
+    # -- before anything is built ------------------------------------------------------------
+    def check(self, site: Site) -> None:
+        """Raises a typed error if this method cannot go on ``site`` (runs before any compile)."""
+        if site.kind not in self.sites:
+            raise errors.UnsupportedLayerError(
+                f"{type(self).__name__} cannot be attached to {site.path!r} ({site.layer}): it "
+                f"needs a {' or '.join(self.sites)} site; narrow its targets")
 
-    def delta(self, params: Params, op: LinearOp, x: jax.Array, kernel: jax.Array,
-              base_out: jax.Array, bias: jax.Array | None, settings: TargetSettings,
-              dropout_key: jax.Array | None) -> jax.Array:
-        """The additive change to the layer output ``base_out`` (which includes ``bias``)."""
+    @property
+    def needs_rng(self) -> bool:
+        """Whether `apply` draws random numbers in training (dropout)."""
+        return False
 
-    def attend_delta(self, params: Params, op: LinearOp, query: jax.Array, kernel: jax.Array,
-                     settings: TargetSettings) -> jax.Array:
-        """The change to ``query @ W.T`` of a tied embedding head."""
+    # -- state ------------------------------------------------------------------------------------
+    def init_shared(self, key: jax.Array, sites: list[Site], dtype: Any) -> Params:
+        """State created once per adapter for all its sites (VeRA's projections); frozen."""
+        return {}
 
-    def merge(self, params: Params, op: LinearOp, kernel: jax.Array,
-              settings: TargetSettings) -> tuple[jax.Array, Any]:
-        """The merged kernel and what `unmerge` needs to invert it."""
+    def init(self, key: jax.Array, site: Site, base: Params, shared: Params) -> tuple[Params, Params]:
+        """``(params, base_updates)``: the trainable params and any replaced base arrays
+        (PiSSA moves part of the kernel into the adapter; ``{}`` otherwise)."""
+        raise NotImplementedError
 
-    def unmerge(self, params: Params, op: LinearOp, merged: jax.Array, record: Any,
-                settings: TargetSettings) -> jax.Array:
-        """The kernel before `merge` (up to float rounding)."""
+    def param_shapes(self, site: Site) -> Params:
+        """Shapes of the params `init` returns (for counting without building)."""
+        shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), site, _abstract_base(site), {})[0])
+        return jax.tree.map(lambda s: tuple(s.shape), shapes)
+
+    # -- running ----------------------------------------------------------------------------------
+    def apply(self, params: Params, shared: Params, site: Site, call: Call, x: Any, base: Params,
+              ctx: Context) -> Any:
+        """What the site returns with this method attached."""
+        raise NotImplementedError
+
+    def attend(self, params: Params, shared: Params, site: Site, query: jax.Array, out: jax.Array,
+               base: Params) -> jax.Array:
+        """``query @ W'.T`` for a tied embedding head, given ``out = query @ W.T``."""
+        raise errors.UnsupportedLayerError(
+            f"{type(self).__name__} on {site.path!r} cannot be used through Embed.attend (a tied "
+            "output head); leave the embedding out of its targets")
+
+    def regularizer(self, params: Params, shared: Params, site: Site) -> jax.Array | None:
+        """A term to add to the loss (AdaLoRA's orthogonality), or ``None``."""
+        return None
+
+
+class Mergeable:
+    """Mixin of methods whose effect folds into the site's base arrays."""
+
+    def merge(self, params: Params, shared: Params, site: Site, base: Params) -> tuple[Params, Any]:
+        """``(updated base arrays, record)``: outputs unchanged up to rounding."""
+        raise NotImplementedError
+
+    def unmerge(self, params: Params, shared: Params, site: Site, base: Params, record: Any) -> Params:
+        """The base arrays before `merge` (up to rounding)."""
+        raise NotImplementedError
+
+
+def is_mergeable(method: Method) -> bool:
+    return isinstance(method, Mergeable)
+
+
+def require_mergeable(method: Method, path: str) -> None:
+    if not is_mergeable(method):
+        raise errors.NotMergeableError(
+            f"{type(method).__name__} (on {path!r}) cannot be merged into the base weights; "
+            "keep it unmerged for serving, or detach it before merging the others")
+
+
+def _abstract_base(site: Site) -> Params:
+    import jax.numpy as jnp
+
+    if site.kind == "linear":
+        kernel = jax.ShapeDtypeStruct(site.op.kernel_shape, jnp.float32)
+        base = {"kernel": kernel}
+        if site.has_bias:
+            base["bias"] = jax.ShapeDtypeStruct(site.op.out_shape, jnp.float32)
+        return base
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), dict(site.param_shapes),
+                        is_leaf=lambda s: isinstance(s, tuple))

@@ -68,6 +68,11 @@ class LinearOp(abc.ABC):
         return math.prod(self.out_shape)
 
     @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The kernel's shape as the layer stores it."""
+        return (*self.in_shape, *self.out_shape)
+
+    @property
     def max_rank(self) -> int:
         """The largest rank a factorisation of this kernel can have."""
         return min(self.fan_in, self.fan_out)
@@ -94,6 +99,10 @@ class LinearOp(abc.ABC):
     def factors_to_kernel(self, a: jax.Array, b: jax.Array) -> jax.Array:
         """``A @ B`` laid out like the kernel (used only by merge and exact norms)."""
         return self.matrix_to_kernel(a.reshape(self.fan_in, -1) @ b.reshape(b.shape[0], self.fan_out))
+
+    @abc.abstractmethod
+    def apply_kernel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """The layer's map with ``kernel`` (a full, kernel-shaped array) and no bias."""
 
     @abc.abstractmethod
     def project_in(self, x: jax.Array, a: jax.Array) -> jax.Array:

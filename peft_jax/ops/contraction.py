@@ -22,6 +22,10 @@ class ContractionOp(LinearOp):
 
     axis: tuple[int, ...] = (-1,)
 
+    def apply_kernel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        axes = tuple(ax % x.ndim for ax in self.axis)
+        return jax.lax.dot_general(x, kernel, ((axes, tuple(range(len(axes)))), ((), ())))
+
     def project_in(self, x: jax.Array, a: jax.Array) -> jax.Array:
         axes = tuple(ax % x.ndim for ax in self.axis)
         n = len(axes)

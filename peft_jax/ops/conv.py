@@ -32,6 +32,9 @@ class ConvOp(LinearOp):
     kernel_dilation: Any = 1
     precision: Any = None
 
+    def apply_kernel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return self.project_in(x, kernel)
+
     def project_in(self, x: jax.Array, a: jax.Array) -> jax.Array:
         conv = linen.Conv(features=a.shape[-1], kernel_size=self.kernel_size, strides=self.strides,
                           padding=self.padding, input_dilation=self.input_dilation,

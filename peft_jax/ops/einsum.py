@@ -90,6 +90,14 @@ class EinsumOp(LinearOp):
         inverse = tuple(self._perm().index(i) for i in range(len(self.kernel)))
         return jnp.transpose(ordered, inverse)
 
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        size = dict(zip(self.in_letters + self.out_letters, self.in_shape + self.out_shape))
+        return tuple(size[c] for c in self.kernel)
+
+    def apply_kernel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jnp.einsum(_spec(f"{self.lhs},{self.kernel}->{self.out}"), x, kernel)
+
     def project_in(self, x: jax.Array, a: jax.Array) -> jax.Array:
         r = self._rank_letter
         return jnp.einsum(_spec(f"{self.lhs},{self.in_letters}{r}->{self._hidden}{r}"), x, a)

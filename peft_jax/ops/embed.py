@@ -25,6 +25,9 @@ class EmbedOp(LinearOp):
     def takes_dropout(self) -> bool:
         return False
 
+    def apply_kernel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jnp.take(kernel, x, axis=0)
+
     def project_in(self, x: jax.Array, a: jax.Array) -> jax.Array:
         return jnp.take(a, x, axis=0)
 
