@@ -1,9 +1,11 @@
 """Flax Linen front-end: attach PEFT methods to any ``nn.Module`` by method interception.
 
-The user's module code is not touched. `attach` returns a `Peft` handle; its ``init`` adds the
-adapter variables in their own ``"lora"`` collection (next to the module path of each adapted
-layer), and its ``apply`` runs the module under ``nn.intercept_methods`` so every targeted layer's
-output gains its adapters' deltas. The math lives in `peft_jax.methods`.
+The user's module code is not touched. `attach` returns an immutable `Peft` handle; `plan`
+traces the module once (no compile) and returns a handle that holds the checked plan; ``init``
+adds the adapter variables in the ``"adapters"`` collection, laid out as
+``<site path>/<adapter name>/<param>`` (the canonical layout, the same as the NNX front-end's),
+and ``apply`` runs the module under ``nn.intercept_methods`` so every adapted site's call goes
+through its methods. Planning, folding and merging live in `peft_jax.sites`.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -12,9 +14,9 @@ Example:
     >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
     >>> x = jnp.ones((2, 3))
     >>> variables = model.init(jax.random.key(0), x)
-    >>> peft = attach(model, peft_jax.LoraConfig(targets=["layers_0"], rank=2))
-    >>> variables = peft.init(jax.random.key(1), variables, x)
-    >>> sorted(variables["lora"]["layers_0"]["default"])
+    >>> peft = attach(model, peft_jax.LoraConfig(targets=["layers_0"], rank=2)).plan(variables, x)
+    >>> variables = peft.init(jax.random.key(1), variables)
+    >>> sorted(variables["adapters"]["layers_0"]["default"])
     ['lora_a', 'lora_b']
     >>> bool(jnp.allclose(peft.apply(variables, x), model.apply({"params": variables["params"]}, x)))
     True
@@ -34,55 +36,30 @@ from flax.core import meta
 from peft_jax import errors
 from peft_jax.core import combine, partition
 from peft_jax.core.count import ParamSummary, count_params
-from peft_jax.core.select import compile_selector, select
-from peft_jax.methods import LoraConfig, Target, merge_kernel, plan_targets, unmerge_kernel
-from peft_jax.ops import ConvOp, ContractionOp, EinsumOp, EmbedOp, LinearOp, dense_op
+from peft_jax.methods.base import Context, Site, require_mergeable
+from peft_jax.ops import EmbedOp, LinearOp, dense_op
+from peft_jax.sites import AdapterPlan, attend_site, merge_site, plan_adapter, run_site, unmerge_site
+from peft_jax.sites.layers import contraction_op, conv_op, describe, einsum_op
 
-COLLECTION = "lora"
+COLLECTION = "adapters"
+SHARED = "adapter_shared"
 RECORD = "merge_record"
-_SAVED = "modules_to_save"
 
-
-def _hashable(value: Any) -> Any:
-    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+_OPS = {
+    nn.Dense: lambda m, shape: dense_op(shape[0], shape[1]),
+    nn.DenseGeneral: lambda m, shape: contraction_op(shape, m.axis, m.batch_dims),
+    nn.Einsum: lambda m, shape: einsum_op(m.einsum_str, shape),
+    nn.Conv: lambda m, shape: conv_op(shape, kernel_size=m.kernel_size,
+                                      feature_group_count=m.feature_group_count, mask=m.mask,
+                                      strides=m.strides, padding=m.padding,
+                                      input_dilation=m.input_dilation,
+                                      kernel_dilation=m.kernel_dilation, precision=m.precision),
+    nn.Embed: lambda m, shape: EmbedOp(in_shape=shape[:1], out_shape=shape[1:]),
+}
 
 
 def _kernel_name(module: nn.Module) -> str:
     return "embedding" if isinstance(module, nn.Embed) else "kernel"
-
-
-def _conv_op(m: nn.Conv, shape: tuple[int, ...]) -> LinearOp:
-    if m.feature_group_count != 1 or m.mask is not None:
-        raise errors.UnsupportedLayerError(
-            "grouped or masked convolutions (feature_group_count != 1, mask) cannot be adapted")
-    return ConvOp(in_shape=shape[:-1], out_shape=shape[-1:], kernel_size=_hashable(m.kernel_size),
-                  strides=_hashable(m.strides), padding=_hashable(m.padding),
-                  input_dilation=_hashable(m.input_dilation),
-                  kernel_dilation=_hashable(m.kernel_dilation), precision=m.precision)
-
-
-def _dense_general_op(m: nn.DenseGeneral, shape: tuple[int, ...]) -> LinearOp:
-    if m.batch_dims:
-        raise errors.UnsupportedLayerError("DenseGeneral with batch_dims cannot be adapted")
-    n_in = len(_hashable(m.axis)) if isinstance(m.axis, (list, tuple)) else 1
-    axis = _hashable(m.axis) if isinstance(m.axis, (list, tuple)) else (m.axis,)
-    return ContractionOp(in_shape=shape[:n_in], out_shape=shape[n_in:], axis=axis)
-
-
-def _einsum_op(m: nn.Einsum, shape: tuple[int, ...]) -> LinearOp:
-    if m.einsum_str is None:
-        raise errors.UnsupportedLayerError("an Einsum whose einsum_str is given at call time cannot "
-                                           "be adapted; set it on the module")
-    return EinsumOp.from_string(m.einsum_str, shape)
-
-
-_OPS = {
-    nn.Dense: lambda m, shape: dense_op(shape[0], shape[1]),
-    nn.DenseGeneral: _dense_general_op,
-    nn.Einsum: _einsum_op,
-    nn.Conv: _conv_op,
-    nn.Embed: lambda m, shape: EmbedOp(in_shape=shape[:1], out_shape=shape[1:]),
-}
 
 
 def _module_op(module: nn.Module) -> LinearOp | None:
@@ -111,53 +88,70 @@ def _nested_set(tree: dict, path: str, value: Any) -> dict:
     return {**tree, head: _nested_set(tree.get(head, {}), rest, value)}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Adapter:
-    name: str
-    config: LoraConfig
+def _flatten(prefix: str, value: Any, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _base_only(variables: dict) -> dict:
+    return {k: v for k, v in variables.items() if k not in (COLLECTION, SHARED, RECORD)}
+
+
+def _describe_module(module: nn.Module, path: str) -> dict[str, Site | Exception | None]:
+    """Both site kinds of one module, computed while tracing (errors kept for later)."""
+    found: dict[str, Site | Exception | None] = {}
+    params = meta.unbox(module.variables.get("params", {}))
+    for kind in ("linear", "module"):
+        try:
+            found[kind] = describe(
+                path, kind, op_of=lambda: _module_op(module), layer=type(module).__name__,
+                has_bias=module.has_variable("params", "bias"),
+                param_shapes=lambda: jax.tree.map(lambda x: tuple(x.shape), dict(params)))
+        except errors.UnsupportedLayerError as e:
+            found[kind] = e
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
 class Peft:
-    """An unmodified Linen module plus named adapters; build it with `attach`.
+    """An unmodified Linen module plus named adapters; build it with `attach`, check it with `plan`.
 
-    The handle is static: variables live in the usual ``variables`` dict, with adapter params in
-    the ``"lora"`` collection. ``init`` also records the plan (targets and their ops) that
-    ``merge`` / ``unmerge`` / ``unload`` use.
+    The handle is an immutable value: ``attach`` and ``plan`` return new handles. Variables live
+    in the usual ``variables`` dict: adapter params in ``"adapters"``, shared frozen state in
+    ``"adapter_shared"``, merge records in ``"merge_record"``.
     """
 
     module: nn.Module
-    adapters: tuple[_Adapter, ...] = ()
-    _plans: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    configs: tuple[tuple[str, Any], ...] = ()
+    plans: tuple[AdapterPlan, ...] | None = None
+    module_paths: tuple[str, ...] = ()
 
     # -- building ---------------------------------------------------------------------------------
-    def attach(self, config: LoraConfig, name: str = "default") -> "Peft":
-        """A new handle with one more adapter (its variables come from the next ``init``)."""
-        if name in {a.name for a in self.adapters}:
+    def attach(self, config: Any, name: str = "default") -> "Peft":
+        """A new (unplanned) handle with one more adapter."""
+        if name in {n for n, _ in self.configs}:
             raise errors.AdapterNameError(
                 f"an adapter named {name!r} is already attached; pass another `name=` "
-                f"(attached: {[a.name for a in self.adapters]})")
-        return Peft(self.module, self.adapters + (_Adapter(name, config),), dict(self._plans))
+                f"(attached: {[n for n, _ in self.configs]})")
+        return Peft(self.module, self.configs + ((name, config),))
 
-    def plan(self, variables: dict, *args: Any, **kwargs: Any) -> dict[str, dict[str, Target]]:
-        """Traces the module once (no compile, no FLOPs) and checks every adapter's targets.
-
-        Returns ``{adapter name: {module path: Target}}``; raises `NoMatchError`,
-        `UnsupportedLayerError` or `InvalidConfigError` before anything is computed.
-        """
-        seen: dict[str, nn.Module] = {}
-        ops: dict[str, LinearOp | Exception | None] = {}
+    def plan(self, variables: dict, *args: Any, **kwargs: Any) -> "Peft":
+        """Traces the module once (no compile, no FLOPs), checks every adapter, and returns the
+        planned handle. Raises `NoMatchError`, `UnsupportedLayerError`, `InvalidConfigError`
+        or `IncompatibleMethodsError` before anything is computed."""
+        seen: dict[str, dict] = {}
+        types: dict[str, str] = {}
 
         def record(next_fun, call_args, call_kwargs, context):
-            out = next_fun(*call_args, **call_kwargs)
             module = context.module
             if context.method_name == "__call__" and module.path and _path(module) not in seen:
-                seen[_path(module)] = module
-                try:
-                    ops[_path(module)] = _module_op(module)
-                except errors.UnsupportedLayerError as e:
-                    ops[_path(module)] = e
-            return out
+                seen[_path(module)] = _describe_module(module, _path(module))
+                types[_path(module)] = type(module).__name__
+            return next_fun(*call_args, **call_kwargs)
 
         def trace(variables):
             with nn.intercept_methods(record):
@@ -165,116 +159,119 @@ class Peft:
 
         jax.eval_shape(trace, variables)
 
-        def op_of(module):
-            op = ops[_path(module)]
-            if isinstance(op, Exception):
-                raise op
-            return op
+        def describe_at(path: str, kind: str) -> Site | None:
+            site = seen[path][kind]
+            if isinstance(site, Exception):
+                raise site
+            return site
 
-        modules = list(seen.items())
-        plans = {}
-        for adapter in self.adapters:
-            config = adapter.config
-            targets = plan_targets(config, modules, op_of)
-            plans[adapter.name] = {t.path: t for t in targets}
-            if config.modules_to_save is not None:
-                select([p for p, _ in modules], config.modules_to_save, what="modules_to_save")
-        self._plans.clear()
-        self._plans.update(plans)
-        self._plans["__modules__"] = tuple(p for p, _ in modules)
-        return plans
+        paths = tuple(seen)
+        plans, kinds = [], {}
+        for name, config in self.configs:
+            adapter = plan_adapter(name, config, paths, describe_at, type_of=types.get)
+            for s in adapter.sites:
+                if kinds.setdefault(s.path, s.site.kind) != s.site.kind:
+                    raise errors.IncompatibleMethodsError(
+                        f"adapter {name!r} wraps {s.path!r} as a {s.site.kind} site but an earlier "
+                        f"adapter wraps it as a {kinds[s.path]} site; target other layers")
+            plans.append(adapter)
+        return dataclasses.replace(self, plans=tuple(plans), module_paths=paths)
 
     def init(self, key: jax.Array, variables: dict, *args: Any, **kwargs: Any) -> dict:
-        """Adds the variables of every adapter not yet in ``variables`` (checks run first).
+        """Adds the variables of every adapter not yet in ``variables``.
 
-        ``args`` / ``kwargs`` are a sample input for the module; PiSSA / OLoRA inits also
-        return the residual base kernels in ``"params"``.
+        A handle from `plan` needs no sample input; otherwise ``args`` / ``kwargs`` are one
+        (and the plan is made first). PiSSA / OLoRA inits also replace base kernels in
+        ``"params"``.
         """
-        plans = self.plan(variables, *args, **kwargs)
+        planned = self if self.plans is not None and not args and not kwargs \
+            else self.plan(variables, *args, **kwargs)
         params = meta.unbox(variables["params"])
-        lora = dict(variables.get(COLLECTION, {}))
-        new = [a for a in self.adapters if not _present(lora, plans[a.name], a.name)]
-        for adapter in new:
-            method = adapter.config.method
-            for path, target in plans[adapter.name].items():
-                layer_key = jax.random.fold_in(key, zlib.crc32(f"{adapter.name}/{path}".encode()))
-                kernel_path = f"{path}/{_kernel_name_at(params, path)}"
-                kernel = _nested_get(params, kernel_path)
-                values, residual = method.init(layer_key, target.op, kernel, target.settings,
-                                               adapter.config.init)
-                lora = _nested_set(lora, f"{path}/{adapter.name}", values)
-                if residual is not None:
-                    params = _nested_set(params, kernel_path, residual)
-            for path in self._saved_paths(adapter):
-                copy = jax.tree.map(lambda x: jnp.array(x, copy=True), _nested_get(params, path))
-                lora = _nested_set(lora, f"{path}/{_SAVED}/{adapter.name}", copy)
-        return {**variables, "params": params, COLLECTION: lora}
+        adapters = dict(variables.get(COLLECTION, {}))
+        shared_all = dict(variables.get(SHARED, {}))
+        for adapter in planned.plans:
+            if adapter.sites and _has(adapters, f"{adapter.sites[0].path}/{adapter.name}"):
+                continue
+            shared = {}
+            for i, method in enumerate(adapter.methods):
+                k = jax.random.fold_in(key, zlib.crc32(f"{adapter.name}/shared/{i}".encode()))
+                shared[method] = method.init_shared(k, adapter.sites_of(method), jnp.float32)
+            merged_shared = {k: v for values in shared.values() for k, v in values.items()}
+            if merged_shared:
+                shared_all[adapter.name] = merged_shared
+            for s in adapter.sites:
+                values_all = {}
+                for i, method in enumerate(s.methods):
+                    base = _site_base(params, s)
+                    k = jax.random.fold_in(key, zlib.crc32(f"{adapter.name}/{s.path}/{i}".encode()))
+                    values, updates = method.init(k, s.site, base, shared[method])
+                    if updates:
+                        params = _write_base(params, s, {**base, **updates})
+                    values_all.update(values)
+                adapters = _nested_set(adapters, f"{s.path}/{adapter.name}", values_all)
+        out = {**variables, "params": params, COLLECTION: adapters}
+        if shared_all:
+            out[SHARED] = shared_all
+        return out
 
     # -- running ----------------------------------------------------------------------------------
     def apply(self, variables: dict, *args: Any, active: Iterable[str] | None = None,
               enabled: bool = True, rngs: dict | None = None, **kwargs: Any) -> Any:
         """Runs the module with its adapters (``active`` names only, if given).
 
-        Dropout on the low-rank path is on when ``rngs`` holds a ``"dropout"`` key. With
-        ``enabled=False`` (or after `merge`) the module runs on its own params.
+        Dropout inside methods is on when ``rngs`` holds a ``"dropout"`` key. With
+        ``enabled=False`` (or after `merge`) the module runs on its own params. An unplanned
+        handle plans from this call's inputs first (at trace time under ``jit``).
         """
         if not enabled or RECORD in variables:
             return self.module.apply(_base_only(variables), *args, rngs=rngs, **kwargs)
-        plans = self._require_plans()
-        names = {a.name for a in self.adapters} if active is None else set(active)
-        unknown = names - {a.name for a in self.adapters}
-        if unknown:
-            raise errors.AdapterNameError(f"no adapter named {sorted(unknown)}; attached: "
-                                          f"{[a.name for a in self.adapters]}")
-        live = [a for a in self.adapters if a.name in names]
-        by_path: dict[str, list[tuple[_Adapter, Target]]] = {}
+        planned = self if self.plans is not None else self.plan(variables, *args, **kwargs)
+        live = planned._select(active)
+        by_path: dict[str, list] = {}
         for adapter in live:
-            for path, target in plans[adapter.name].items():
-                by_path.setdefault(path, []).append((adapter, target))
-        saved = {p: a.name for a in live for p in self._saved_paths(a)}
-        lora = variables.get(COLLECTION, {})
+            for s in adapter.sites:
+                by_path.setdefault(s.path, []).append((adapter.name, s))
+        adapters = variables.get(COLLECTION, {})
+        shared = variables.get(SHARED, {})
 
         def intercept(next_fun, call_args, call_kwargs, context):
             module = context.module
             path = _path(module)
-            if path in saved and context.method_name == "__call__":
-                copy = _nested_get(lora, f"{path}/{_SAVED}/{saved[path]}")
-                return module.clone(parent=None).apply({"params": copy}, *call_args, **call_kwargs)
-            out = next_fun(*call_args, **call_kwargs)
             if path not in by_path or context.method_name not in ("__call__", "attend"):
-                return out
-            kernel = meta.unbox(module.get_variable("params", _kernel_name(module)))
-            bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
-            x = call_args[0]
-            for adapter, target in by_path[path]:
-                values = _nested_get(lora, f"{path}/{adapter.name}")
-                method = adapter.config.method
-                if context.method_name == "attend":
-                    out = out + method.attend_delta(values, target.op, x, kernel, target.settings)
-                    continue
-                dropout_key = (module.make_rng("dropout")
-                               if target.settings.dropout > 0 and module.has_rng("dropout") else None)
-                out = out + method.delta(values, target.op, x, kernel, out, meta.unbox(bias),
-                                         target.settings, dropout_key)
-            return out
+                return next_fun(*call_args, **call_kwargs)
+            site = by_path[path][0][1].site
+            base = _module_base(module, site)
+            noisy = module.has_rng("dropout")
+            entries = []
+            for name, s in by_path[path]:
+                values = _nested_get(adapters, f"{path}/{name}")
+                key = module.make_rng("dropout") if noisy and any(m.needs_rng for m in s.methods) else None
+                for i, method in enumerate(s.methods):
+                    own = {k: values[k] for k in method.param_shapes(s.site)}
+                    ctx = Context(None if key is None else jax.random.fold_in(key, i))
+                    entries.append((method, own, shared.get(name, {}), ctx))
+            x, rest = call_args[0], call_args[1:]
+            if context.method_name == "attend":
+                return attend_site(entries, site, x, next_fun(*call_args, **call_kwargs), base)
+
+            def call(y, params=None):
+                if params is None:
+                    return next_fun(y, *rest, **call_kwargs)
+                return module.clone(parent=None).apply({"params": params}, y, *rest, **call_kwargs)
+
+            return run_site(entries, site, call, x, base)
 
         with nn.intercept_methods(intercept):
             return self.module.apply(_base_only(variables), *args, rngs=rngs, **kwargs)
 
     # -- training ---------------------------------------------------------------------------------
     def trainable_selector(self):
-        """Selects the leaves that train: the ``"lora"`` collection plus the configured biases."""
-        plans = self._require_plans()
-        lora_only = {p for a in self.adapters if a.config.bias == "lora_only" for p in plans[a.name]}
-        train_all_bias = any(a.config.bias == "all" for a in self.adapters)
+        """Selects the leaves that train: the ``"adapters"`` collection plus biases trained in place."""
+        in_place = {f"params/{s.path}/{leaf}" for a in self._require_plans() for s in a.sites
+                    for m in s.methods for leaf in m.trains_base}
 
         def selector(path: str, leaf: Any) -> bool:
-            if path.startswith(COLLECTION + "/"):
-                return True
-            if path.startswith("params/") and path.endswith("/bias"):
-                layer = path[len("params/"):-len("/bias")]
-                return train_all_bias or layer in lora_only
-            return False
+            return path.startswith(COLLECTION + "/") or path in in_place
 
         return selector
 
@@ -283,104 +280,177 @@ class Peft:
         return partition(variables, self.trainable_selector())
 
     def summary(self, variables: dict) -> ParamSummary:
-        """Trainable / total parameter counts (``modules_to_save`` copies count as trainable)."""
+        """Trainable / total counts (shared frozen state is not counted), with ``by_method``."""
         trainable, frozen = self.partition(meta.unbox(variables))
         t = count_params(trainable)
-        return ParamSummary(trainable=t, total=t + count_params(frozen.get("params", {})))
+        params = meta.unbox(variables["params"])
+        by_method: dict[tuple[str, str], int] = {}
+        for adapter in self._require_plans():
+            for s in adapter.sites:
+                values = _nested_get(variables[COLLECTION], f"{s.path}/{adapter.name}")
+                for method in s.methods:
+                    n = sum(count_params(values[k]) for k in method.param_shapes(s.site))
+                    n += sum(count_params(_nested_get(params, f"{s.path}/{leaf}")) for leaf in method.trains_base)
+                    key = (adapter.name, method.name)
+                    by_method[key] = by_method.get(key, 0) + n
+        return ParamSummary(trainable=t, total=t + count_params(frozen.get("params", {})), by_method=by_method)
 
     # -- merging ----------------------------------------------------------------------------------
     def merge(self, variables: dict, *, keep_original: bool = True) -> dict:
         """Variables whose params have every adapter folded in; `apply` then skips the adapters.
 
-        With ``keep_original`` the ``"merge_record"`` collection keeps the pre-merge kernels and
-        `unmerge` is bitwise exact; otherwise it inverts the merge arithmetically.
+        With ``keep_original`` the ``"merge_record"`` collection keeps the pre-merge arrays and
+        `unmerge` is bitwise exact. A method that cannot merge raises `NotMergeableError`.
         """
         if RECORD in variables:
             raise errors.StateError("these variables are already merged; unmerge them first")
         params = meta.unbox(variables["params"])
+        work = self._sites(variables)
+        for s, entries in work:
+            for method, *_ in entries:
+                require_mergeable(method, s.path)
         record = {}
-        for path, live, op in self._layers(variables):
-            kernel_path = f"{path}/{_kernel_name_at(params, path)}"
-            merged, rec = merge_kernel(live, op, _nested_get(params, kernel_path), keep_original=keep_original)
-            params = _nested_set(params, kernel_path, merged)
-            record[path] = rec
-        for adapter in self.adapters:
-            for path in self._saved_paths(adapter):
-                record[f"{_SAVED}/{path}"] = _nested_get(params, path)
-                params = _nested_set(params, path, _nested_get(
-                    variables[COLLECTION], f"{path}/{_SAVED}/{adapter.name}"))
+        for s, entries in work:
+            merged, rec = merge_site(entries, s.site, _site_base(params, s), keep_original=keep_original)
+            params = _write_base(params, s, merged)
+            record[s.path] = rec
         return {**variables, "params": params, RECORD: record}
 
     def unmerge(self, variables: dict) -> dict:
         """Undoes `merge`."""
         if RECORD not in variables:
-            raise errors.StateError("nothing to unmerge: these variables were not merged; call merge() first")
-        params = variables["params"]
-        for key, original in variables[RECORD].items():
-            if key.startswith(_SAVED + "/"):
-                params = _nested_set(params, key[len(_SAVED) + 1:], original)
-        for path, live, op in self._layers(variables):
-            kernel_path = f"{path}/{_kernel_name_at(params, path)}"
-            params = _nested_set(params, kernel_path, unmerge_kernel(
-                live, op, _nested_get(params, kernel_path), variables[RECORD][path]))
+            raise errors.StateError("these variables are not merged; call merge() first")
+        params = meta.unbox(variables["params"])
+        for s, entries in self._sites(variables):
+            params = _write_base(params, s, unmerge_site(entries, s.site, _site_base(params, s),
+                                                         variables[RECORD][s.path]))
         return {k: v for k, v in variables.items() if k != RECORD} | {"params": params}
 
     def unload(self, variables: dict, *, merge_adapters: bool = True) -> dict:
-        """Plain variables for the user's module: adapters merged (or dropped), copies swapped in."""
+        """Variables for the plain module: ``{"params": ...}`` (merged, copies swapped in)."""
         merged = self.merge(variables, keep_original=False) if merge_adapters else variables
         return _base_only(merged)
 
+    # -- the canonical layout ---------------------------------------------------------------------
+    def adapter_state(self, variables: dict, name: str | None = None) -> dict[str, jax.Array]:
+        """``{"<site path>/<adapter>/<param>": array}`` (+ ``"<adapter>/shared/<param>"``), the
+        same flat layout as `peft_jax.nnx.adapter_state` gives for the same architecture."""
+        out: dict[str, jax.Array] = {}
+        for adapter in self._require_plans():
+            if name is not None and adapter.name != name:
+                continue
+            for s in adapter.sites:
+                _flatten(f"{s.path}/{adapter.name}", _nested_get(variables[COLLECTION], f"{s.path}/{adapter.name}"), out)
+            if adapter.name in variables.get(SHARED, {}):
+                _flatten(f"{adapter.name}/shared", variables[SHARED][adapter.name], out)
+        return out
+
+    def load_adapter_state(self, variables: dict, values: dict[str, Any]) -> dict:
+        """``variables`` with the canonical flat ``values`` (from either front-end) written in."""
+        current = self.adapter_state(variables)
+        missing = sorted(set(values) - set(current))
+        if missing:
+            raise errors.StateError(f"no attached adapter param at {missing[:5]}; attach the same "
+                                    "config (and adapter name) before loading")
+        adapters, shared = variables[COLLECTION], dict(variables.get(SHARED, {}))
+        names = {a.name for a in self._require_plans()}
+        for key, value in values.items():
+            head, _, rest = key.partition("/")
+            old = current[key]
+            new = jnp.asarray(value, old.dtype).reshape(old.shape)
+            if head in names and rest.startswith("shared/"):
+                shared = _nested_set(shared, f"{head}/{rest.removeprefix('shared/')}", new)
+            else:
+                adapters = _nested_set(adapters, key, new)
+        out = {**variables, COLLECTION: adapters}
+        if shared:
+            out[SHARED] = shared
+        return out
+
     # -- helpers ----------------------------------------------------------------------------------
-    def _require_plans(self) -> dict:
-        if not self._plans:
-            raise errors.StateError("this Peft handle has no plan yet: call peft.init(key, variables, "
-                                    "*sample_inputs) (or peft.plan(variables, *sample_inputs)) first")
-        return self._plans
+    def _require_plans(self) -> tuple[AdapterPlan, ...]:
+        if self.plans is None:
+            raise errors.StateError("this Peft handle has no plan yet: peft = peft.plan(variables, "
+                                    "*sample_inputs) first (it returns the planned handle)")
+        return self.plans
 
-    def _saved_paths(self, adapter: _Adapter) -> list[str]:
-        if adapter.config.modules_to_save is None:
-            return []
-        match = compile_selector(adapter.config.modules_to_save)
-        return [p for p in self._require_plans()["__modules__"] if match(p, None)]
-
-    def _layers(self, variables: dict):
+    def _select(self, active: Iterable[str] | None) -> list[AdapterPlan]:
         plans = self._require_plans()
-        lora = variables[COLLECTION]
-        paths = {}
-        for adapter in self.adapters:
-            for path, target in plans[adapter.name].items():
-                values = _nested_get(lora, f"{path}/{adapter.name}")
-                paths.setdefault(path, (target.op, []))[1].append(
-                    (adapter.config.method, values, target.settings))
-        for path, (op, live) in paths.items():
-            yield path, live, op
+        known = [a.name for a in plans]
+        names = set(known) if active is None else set(active)
+        unknown = names - set(known)
+        if unknown:
+            raise errors.AdapterNameError(f"no adapter named {sorted(unknown)}; attached: {known}")
+        return [a for a in plans if a.name in names]
+
+    def _sites(self, variables: dict):
+        """``(site plan, entries)`` per adapted site, over every adapter (merge order)."""
+        by_path: dict[str, tuple] = {}
+        shared = variables.get(SHARED, {})
+        for adapter in self._require_plans():
+            for s in adapter.sites:
+                values = _nested_get(variables[COLLECTION], f"{s.path}/{adapter.name}")
+                entries = by_path.setdefault(s.path, (s, []))[1]
+                for method in s.methods:
+                    own = {k: values[k] for k in method.param_shapes(s.site)}
+                    entries.append((method, own, shared.get(adapter.name, {}), Context()))
+        return list(by_path.values())
 
 
-def _present(lora: dict, plan: dict[str, Target], name: str) -> bool:
-    """Whether adapter ``name`` already has variables (checked at its first target)."""
+def _has(tree: dict, path: str) -> bool:
     try:
-        _nested_get(lora, f"{next(iter(plan))}/{name}")
+        _nested_get(tree, path)
         return True
     except KeyError:
         return False
 
 
-def _kernel_name_at(params: dict, path: str) -> str:
+def _kernel_key(params: dict, path: str) -> str:
     return "embedding" if "embedding" in _nested_get(params, path) else "kernel"
 
 
-def _base_only(variables: dict) -> dict:
-    return {k: v for k, v in variables.items() if k not in (COLLECTION, RECORD)}
+def _site_base(params: dict, s) -> dict:
+    """The site's base arrays from a params dict: ``{"kernel", "bias"}`` or the module's tree."""
+    layer = _nested_get(params, s.path)
+    if s.site.kind != "linear":
+        return dict(layer)
+    base = {"kernel": layer[_kernel_key(params, s.path)]}
+    if "bias" in layer:
+        base["bias"] = layer["bias"]
+    return base
 
 
-def attach(module: nn.Module, config: LoraConfig, name: str = "default") -> Peft:
-    """Wraps a Linen module (unmodified) with one adapter; chain ``.attach(...)`` for more.
+def _write_base(params: dict, s, values: dict) -> dict:
+    if s.site.kind != "linear":
+        return _nested_set(params, s.path, {**_nested_get(params, s.path), **values})
+    layer = dict(_nested_get(params, s.path))
+    layer[_kernel_key(params, s.path)] = values["kernel"]
+    if "bias" in values:
+        layer["bias"] = values["bias"]
+    return _nested_set(params, s.path, layer)
+
+
+def _module_base(module: nn.Module, site: Site) -> dict:
+    if site.kind != "linear":
+        return meta.unbox(dict(module.variables.get("params", {})))
+    base = {"kernel": meta.unbox(module.get_variable("params", _kernel_name(module)))}
+    if module.has_variable("params", "bias"):
+        base["bias"] = meta.unbox(module.get_variable("params", "bias"))
+    return base
+
+
+def attach(module: nn.Module, config: Any, name: str = "default") -> Peft:
+    """Wraps a Linen module (unmodified) with one adapter; chain ``.attach(...)`` for more,
+    then ``.plan(variables, *sample_inputs)``.
 
     Example:
         >>> from flax import linen as nn
         >>> import peft_jax
         >>> peft = attach(nn.Dense(4), peft_jax.LoraConfig(targets=r".*"))
-        >>> [a.name for a in peft.attach(peft_jax.LoraConfig(targets=r".*"), "second").adapters]
+        >>> [n for n, _ in peft.attach(peft_jax.LoraConfig(targets=r".*"), "second").configs]
         ['default', 'second']
     """
     return Peft(module).attach(config, name)
+
+
+__all__ = ["COLLECTION", "Peft", "attach", "combine"]

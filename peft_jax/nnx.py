@@ -1,25 +1,27 @@
 """Flax NNX front-end: attach PEFT methods to any ``nnx.Module`` by module surgery.
 
-A targeted layer ``m`` is replaced in its parent by an `AdaptedLayer` that keeps ``m`` as
-``base_layer`` (frozen ``nnx.Param``) and holds one `Adapter` per name. Adapter variables are
-`AdapterParam`, a subclass of ``nnx.LoRAParam``, so the usual NNX idioms select them:
-``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` or ``nnx.split(model, nnx.LoRAParam, ...)``.
-The math lives in `peft_jax.methods`; this file only moves arrays in and out of modules.
+Every adapted module ``m`` is replaced in its parent by an `AdaptedLayer` that keeps ``m`` as
+``base_layer`` and holds one `AdapterSlot` per adapter name, so the state layout is the library's
+canonical one, ``<site path>/<adapter name>/<param>`` (the same as Linen's ``"adapters"``
+collection). Adapter variables are `AdapterParam`, a subclass of ``nnx.LoRAParam``, so the usual
+NNX idioms select them: ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``. Planning, checks, the
+folding of methods and merging live in `peft_jax.sites`; this file only moves arrays in and out
+of modules.
 
 Example:
-    >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> import peft_jax
     >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
     >>> _ = attach(model, peft_jax.LoraConfig(targets=r"layers/\\d+", rank=2), rngs=nnx.Rngs(2))
     >>> print(summary(model))
     trainable params: 44 || all params: 102 || trainable%: 43.1373
+    >>> sorted(summary(model).by_method.items())
+    [(('default', 'lora'), 44)]
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any, Callable, Iterator
 
 import jax
@@ -28,54 +30,38 @@ from flax import nnx
 
 from peft_jax import errors
 from peft_jax.core.count import ParamSummary, count_params
-from peft_jax.core.select import compile_selector, select
-from peft_jax.methods import LoraConfig, merge_kernel, plan_targets, unmerge_kernel
-from peft_jax.methods.base import TargetSettings, WeightMethod
-from peft_jax.ops import ConvOp, ContractionOp, EinsumOp, EmbedOp, LinearOp, dense_op
+from peft_jax.methods.base import Context, Method, Site, require_mergeable
+from peft_jax.ops import EmbedOp, LinearOp, dense_op
+from peft_jax.sites import AdapterPlan, attend_site, merge_site, plan_adapter, run_site, unmerge_site
+from peft_jax.sites.layers import contraction_op, conv_op, describe, einsum_op
 
 
 class AdapterParam(nnx.LoRAParam):
-    """A variable a PEFT method added (LoRA factors, DoRA magnitudes)."""
+    """A variable a PEFT method added (LoRA factors, DoRA magnitudes, IA3 vectors, copies)."""
 
 
 class TrainedParam(nnx.LoRAParam):
-    """A base-model variable that the config trains in place (biases, ``modules_to_save`` copies)."""
+    """A base-model variable that a method trains in place (BitFit biases)."""
+
+
+class SharedState(nnx.Variable):
+    """Frozen state a method creates once per adapter (VeRA's random projections)."""
 
 
 class MergeRecord(nnx.Variable):
-    """What `unmerge` needs: the kernel before merging and the method's own record. Never trained."""
-
-
-def _hashable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_hashable(v) for v in value)
-    return value
+    """What `unmerge` needs: the arrays before merging and the methods' records. Never trained."""
 
 
 # --- which NNX layers are linear ops of their kernels -------------------------------------------
-def _conv_op(m: nnx.Conv) -> LinearOp:
-    if m.feature_group_count != 1 or m.mask is not None:
-        raise errors.UnsupportedLayerError(
-            "grouped or masked convolutions (feature_group_count != 1, mask) cannot be adapted")
-    shape = tuple(m.kernel.shape)
-    return ConvOp(in_shape=shape[:-1], out_shape=shape[-1:], kernel_size=_hashable(m.kernel_size),
-                  strides=_hashable(m.strides), padding=_hashable(m.padding),
-                  input_dilation=_hashable(m.input_dilation),
-                  kernel_dilation=_hashable(m.kernel_dilation), precision=m.precision)
-
-
-def _linear_general_op(m: nnx.LinearGeneral) -> LinearOp:
-    if m.batch_axis:
-        raise errors.UnsupportedLayerError("LinearGeneral with batch_axis cannot be adapted")
-    return ContractionOp(in_shape=tuple(m.in_features), out_shape=tuple(m.out_features),
-                         axis=tuple(m.axis))
-
-
 _OPS: dict[type, Callable[[Any], LinearOp]] = {
     nnx.Linear: lambda m: dense_op(m.in_features, m.out_features),
-    nnx.LinearGeneral: _linear_general_op,
-    nnx.Einsum: lambda m: EinsumOp.from_string(m.einsum_str, tuple(m.kernel.shape)),
-    nnx.Conv: _conv_op,
+    nnx.LinearGeneral: lambda m: contraction_op(tuple(m.kernel.shape), m.axis, m.batch_axis),
+    nnx.Einsum: lambda m: einsum_op(m.einsum_str, tuple(m.kernel.shape)),
+    nnx.Conv: lambda m: conv_op(tuple(m.kernel.shape), kernel_size=m.kernel_size,
+                                feature_group_count=m.feature_group_count, mask=m.mask,
+                                strides=m.strides, padding=m.padding,
+                                input_dilation=m.input_dilation, kernel_dilation=m.kernel_dilation,
+                                precision=m.precision),
     nnx.Embed: lambda m: EmbedOp(in_shape=(m.num_embeddings,), out_shape=(m.features,)),
 }
 
@@ -83,90 +69,144 @@ _OPS: dict[type, Callable[[Any], LinearOp]] = {
 def layer_op(module: nnx.Module) -> LinearOp | None:
     """The `LinearOp` of a supported layer, or ``None`` for other modules."""
     if isinstance(module, AdaptedLayer):
-        return module.op
+        module = module.base_layer
     for kind, make in _OPS.items():
         if isinstance(module, kind):
             return make(module)
     return None
 
 
-# --- the modules surgery inserts -----------------------------------------------------------------
-class Adapter(nnx.Module):
-    """One named adapter on one layer: its method, settings, variables and merge state."""
+def _kernel_name(module: nnx.Module) -> str:
+    return "embedding" if isinstance(module, nnx.Embed) else "kernel"
 
-    def __init__(self, method: WeightMethod, settings: TargetSettings, params: dict[str, jax.Array],
+
+def _own_params(module: nnx.Module) -> dict:
+    """The module's ``nnx.Param`` arrays as a nested dict (adapter wrappers excluded)."""
+    state = nnx.state(module, nnx.Param)
+    return nnx.to_pure_dict(state)
+
+
+def _describe(module: nnx.Module, path: str, kind: str) -> Site | None:
+    bias = getattr(module, "bias", None)
+    return describe(path, kind, op_of=lambda: layer_op(module), layer=type(module).__name__,
+                    has_bias=isinstance(bias, nnx.Variable) and bias is not None,
+                    param_shapes=lambda: jax.tree.map(lambda x: tuple(x.shape), _own_params(module)))
+
+
+# --- the modules surgery inserts -----------------------------------------------------------------
+def _variables(values: dict, kind: type) -> nnx.Dict:
+    return nnx.Dict({k: _variables(v, kind) if isinstance(v, dict) else kind(v) for k, v in values.items()})
+
+
+def _values(node: Any) -> Any:
+    if isinstance(node, nnx.Variable):
+        return node[...]
+    return {k: _values(v) for k, v in node.items()}
+
+
+class SharedBank(nnx.Module):
+    """An adapter's shared frozen state, referenced by each of its slots (stored once)."""
+
+    def __init__(self, values: dict):
+        self.values = _variables(values, SharedState)
+
+
+class AdapterSlot(nnx.Module):
+    """One named adapter on one site: its methods, their params, and its switches."""
+
+    def __init__(self, methods: tuple[Method, ...], params: list[dict], shared: SharedBank | None,
                  rngs: nnx.Rngs):
-        self.method = method
-        self.settings = settings
-        self.param_names = tuple(params)
-        for key, value in params.items():
-            setattr(self, key, AdapterParam(value))
+        self.methods = methods
+        self.param_names = tuple(tuple(p) for p in params)
+        for values in params:
+            for key, value in values.items():
+                setattr(self, key, _variables({key: value}, AdapterParam)[key])
+        self.shared = shared
         self.deterministic = False  # nnx's model.train() / model.eval() flip it, as for nnx.Dropout
-        self.rngs = rngs["dropout"].fork() if settings.dropout > 0 else nnx.data(None)
+        needs_rng = any(m.needs_rng for m in methods)
+        self.rngs = rngs["dropout"].fork() if needs_rng else nnx.data(None)
         self.active = True
         self.merged = False
 
-    def params(self) -> dict[str, jax.Array]:
-        return {key: getattr(self, key)[...] for key in self.param_names}
-
-    def dropout_key(self) -> jax.Array | None:
-        return None if self.deterministic or self.rngs is None else self.rngs()
+    def entries(self) -> list[tuple]:
+        shared = {} if self.shared is None else _values(self.shared.values)
+        key = None if self.deterministic or self.rngs is None else self.rngs()
+        return [(m, {k: _values(getattr(self, k)) for k in names}, shared,
+                 Context(None if key is None else jax.random.fold_in(key, i)))
+                for i, (m, names) in enumerate(zip(self.methods, self.param_names))]
 
 
 class AdaptedLayer(nnx.Module):
-    """A supported layer (``base_layer``) with named adapters added to its output."""
+    """A module (``base_layer``) with named adapters wrapping its calls."""
 
-    def __init__(self, base_layer: nnx.Module, op: LinearOp):
+    def __init__(self, base_layer: nnx.Module, site: Site):
         self.base_layer = base_layer
-        self.op = op
-        self.kernel_name = "embedding" if isinstance(op, EmbedOp) else "kernel"
-        self.adapters = nnx.Dict()
+        self.site = site
+        self.adapter_order: tuple[str, ...] = ()
         self.enabled = True
         self.merge_record = nnx.data(None)
 
     @property
     def kernel(self) -> nnx.Variable:
-        return getattr(self.base_layer, self.kernel_name)
+        return getattr(self.base_layer, _kernel_name(self.base_layer))
 
-    def _live(self) -> list[Adapter]:
+    def slots(self) -> list[tuple[str, AdapterSlot]]:
+        return [(name, getattr(self, name)) for name in self.adapter_order]
+
+    def _live(self) -> list[AdapterSlot]:
         if not self.enabled:
             return []
-        return [a for a in self.adapters.values() if a.active and not a.merged]
+        return [s for _, s in self.slots() if s.active and not s.merged]
+
+    def _base(self) -> dict:
+        if self.site.kind == "linear":
+            base = {"kernel": self.kernel[...]}
+            bias = getattr(self.base_layer, "bias", None)
+            if isinstance(bias, nnx.Variable):
+                base["bias"] = bias[...]
+            return base
+        return _own_params(self.base_layer)
+
+    def _write_base(self, values: dict) -> None:
+        if self.site.kind == "linear":
+            self.kernel[...] = values["kernel"]
+            if "bias" in values:
+                self.base_layer.bias[...] = values["bias"]
+            return
+        _assign(self.base_layer, values)
 
     def __call__(self, x, *args, **kwargs):
-        out = self.base_layer(x, *args, **kwargs)
         live = self._live()
         if not live:
-            return out
-        kernel = self.kernel[...]
-        bias = getattr(self.base_layer, "bias", None)
-        bias = None if bias is None else bias[...]
-        for adapter in live:
-            out = out + adapter.method.delta(adapter.params(), self.op, x, kernel, out, bias,
-                                             adapter.settings, adapter.dropout_key())
-        return out
+            return self.base_layer(x, *args, **kwargs)
+
+        def call(y, params=None):
+            if params is None:
+                return self.base_layer(y, *args, **kwargs)
+            return _call_with(self.base_layer, params, y, args, kwargs)
+
+        entries = [e for slot in live for e in slot.entries()]
+        return run_site(entries, self.site, call, x, self._base())
 
     def attend(self, query):
-        """Tied-head use of an adapted ``nnx.Embed``: ``query @ (W + delta).T``."""
+        """Tied-head use of an adapted ``nnx.Embed``: ``query @ W'.T``."""
         out = self.base_layer.attend(query)
-        kernel = self.kernel[...]
-        for adapter in self._live():
-            out = out + adapter.method.attend_delta(adapter.params(), self.op, query, kernel,
-                                                    adapter.settings)
-        return out
+        entries = [e for slot in self._live() for e in slot.entries()]
+        return attend_site(entries, self.site, query, out, self._base()) if entries else out
 
 
-class ModulesToSave(nnx.Module):
-    """A module trained fully: ``original_module`` stays frozen, ``trained`` copies train."""
+def _assign(module: nnx.Module, values: dict) -> None:
+    """Writes a nested dict of arrays into the module's ``nnx.Param`` variables."""
+    state = nnx.state(module, nnx.Param)
+    nnx.replace_by_pure_dict(state, values)
+    nnx.update(module, state)
 
-    def __init__(self, original: nnx.Module):
-        self.original_module = original
-        self.trained = nnx.Dict()
-        self.active: str | None = None  # static: which trained copy runs (None: the original)
 
-    def __call__(self, *args, **kwargs):
-        module = self.original_module if self.active is None else self.trained[self.active]
-        return module(*args, **kwargs)
+def _call_with(module: nnx.Module, params: dict, x, args, kwargs):
+    """Calls a copy of ``module`` whose params are ``params`` (the module itself is untouched)."""
+    copy = nnx.merge(*nnx.split(module), copy=True)
+    _assign(copy, params)
+    return copy(x, *args, **kwargs)
 
 
 # --- surgery helpers ------------------------------------------------------------------------------
@@ -175,11 +215,11 @@ def _modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     found, inside = [], []
     for path, module in nnx.iter_modules(model):
         key = "/".join(str(p) for p in path)
-        if not path or isinstance(module, (nnx.Dict, nnx.List)):
+        if not path or isinstance(module, (nnx.Dict, nnx.List, AdapterSlot, SharedBank)):
             continue
         if any(key.startswith(prefix + "/") for prefix in inside):
             continue
-        if isinstance(module, (AdaptedLayer, ModulesToSave)):
+        if isinstance(module, AdaptedLayer):
             inside.append(key)
         found.append((key, module))
     return found
@@ -203,18 +243,21 @@ def _replace(model: nnx.Module, path: str, new: nnx.Module) -> None:
         setattr(parent, key, new)
 
 
-def _retag(module: nnx.Module, old: type, new: type, *, copy: bool = False) -> None:
-    """Turns every ``old`` variable (exactly that type) inside ``module`` into a ``new`` one.
+def _retag(module: nnx.Module, old: type, new: type, names: tuple[str, ...] | None = None) -> None:
+    """Turns ``old`` variables (exactly that type) of ``module`` into ``new`` ones, in place.
 
-    With ``copy`` the arrays get their own buffers, so donating one copy never frees the other.
+    ``names`` limits it to the module's own attributes of those names; ``None`` walks every
+    submodule.
     """
-    for _, sub in nnx.iter_modules(module):
+    subs = [module] if names is not None else [m for _, m in nnx.iter_modules(module)]
+    for sub in subs:
         for name, value in list(vars(sub).items()):
-            if type(value) is old:
-                setattr(sub, name, new(jnp.array(value[...], copy=True) if copy else value[...]))
+            if type(value) is old and (names is None or name in names):
+                setattr(sub, name, new(value[...]))
 
 
-def _adapted_layers(model: nnx.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+def adapted_layers(model: nnx.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """``(path, AdaptedLayer)`` for every adapted site of ``model``."""
     for path, module in _modules(model):
         if isinstance(module, AdaptedLayer):
             yield path, module
@@ -222,65 +265,76 @@ def _adapted_layers(model: nnx.Module) -> Iterator[tuple[str, AdaptedLayer]]:
 
 def adapter_names(model: nnx.Module) -> set[str]:
     """Names of the adapters attached anywhere in ``model``."""
-    names = {n for _, layer in _adapted_layers(model) for n in layer.adapters}
-    names |= {n for _, m in _modules(model) if isinstance(m, ModulesToSave) for n in m.trained}
-    return names
+    return {n for _, layer in adapted_layers(model) for n in layer.adapter_order}
+
+
+def plan(model: nnx.Module, config: Any, name: str = "default") -> AdapterPlan:
+    """Checks ``config`` against ``model`` and returns what `attach` would build; changes nothing."""
+    modules = _modules(model)
+    by_path = dict(modules)
+
+    def describe_at(path: str, kind: str) -> Site | None:
+        module = by_path[path]
+        if isinstance(module, AdaptedLayer):
+            if module.site.kind != kind:
+                return None
+            return module.site
+        return _describe(module, path, kind)
+
+    return plan_adapter(name, config, [p for p, _ in modules], describe_at,
+                        type_of=lambda p: type(by_path[p]).__name__)
 
 
 # --- public API -----------------------------------------------------------------------------------
-def attach(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, name: str = "default") -> nnx.Module:
-    """Adds adapter ``name`` to the layers ``config.targets`` selects, in place; returns ``model``.
+def attach(model: nnx.Module, config: Any, *, rngs: nnx.Rngs, name: str = "default") -> nnx.Module:
+    """Adds adapter ``name`` (any config: `LoraConfig`, `place`, `compose`) to ``model``, in place.
 
-    All checks (targets match, layer types, ranks, a free name) run before anything changes.
+    All checks (targets match, layer types, method settings, a free name) run before anything
+    changes. Returns ``model``.
 
     Example:
         >>> from flax import nnx
         >>> import peft_jax
         >>> model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
         >>> _ = attach(model, peft_jax.LoraConfig(targets=["0"], rank=2), rngs=nnx.Rngs(1))
-        >>> type(model.layers[0]).__name__, model.layers[0].adapters["default"].lora_a.shape
+        >>> type(model.layers[0]).__name__, model.layers[0].default.lora_a.shape
         ('AdaptedLayer', (4, 2))
     """
     if name in adapter_names(model):
         raise errors.AdapterNameError(
             f"an adapter named {name!r} is already attached; pass another `name=` or detach it "
             f"first (attached: {sorted(adapter_names(model))})")
-    modules = _modules(model)
-    targets = plan_targets(config, modules, layer_op)
-    saved = select([p for p, _ in modules], config.modules_to_save, what="modules_to_save") \
-        if config.modules_to_save is not None else []
-    by_path = dict(modules)
-    method = config.method
-    for target in targets:
-        layer = by_path[target.path]
+    adapter = plan(model, config, name)
+    by_path = dict(_modules(model))
+    layers = {}
+    for s in adapter.sites:
+        layer = by_path[s.path]
         if not isinstance(layer, AdaptedLayer):
-            layer = AdaptedLayer(layer, target.op)
-            _replace(model, target.path, layer)
-        kernel = layer.kernel
-        params, residual = method.init(rngs.params(), target.op, kernel[...], target.settings, config.init)
-        if residual is not None:
-            kernel[...] = residual
-        layer.adapters[name] = Adapter(method, target.settings, params, rngs)
-        if config.bias == "lora_only":
-            _retag_bias(layer.base_layer)
-    if config.bias == "all":
-        for _, module in _modules(model):
-            _retag_bias(module)
-    for path in saved:
-        module = by_path[path]
-        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
-        trained = nnx.clone(wrapper.original_module)
-        _retag(trained, nnx.Param, TrainedParam, copy=True)
-        wrapper.trained[name] = trained
-        wrapper.active = name
-        _replace(model, path, wrapper)
+            layer = AdaptedLayer(layer, s.site)
+        layers[s.path] = layer
+    shared = {}
+    for method in adapter.methods:
+        values = method.init_shared(rngs.params(), adapter.sites_of(method), jnp.float32)
+        shared[method] = SharedBank(values) if values else None
+    for s in adapter.sites:
+        layer = layers[s.path]
+        if not isinstance(by_path[s.path], AdaptedLayer):
+            _replace(model, s.path, layer)
+        params = []
+        for method in s.methods:
+            base = layer._base()
+            bank = shared[method]
+            values, updates = method.init(rngs.params(), s.site, base,
+                                          {} if bank is None else _values(bank.values))
+            if updates:
+                layer._write_base({**base, **updates})
+            params.append(values)
+            if method.trains_base:
+                _retag(layer.base_layer, nnx.Param, TrainedParam, method.trains_base)
+        banks = {shared[m] for m in s.methods} - {None}
+        setattr(layer, name, AdapterSlot(s.methods, params, next(iter(banks), None), rngs))
+        layer.adapter_order = (*layer.adapter_order, name)
     return model
-
-
-def _retag_bias(module: nnx.Module) -> None:
-    bias = getattr(module, "bias", None)
-    if type(bias) is nnx.Param:
-        module.bias = TrainedParam(bias[...])
 
 
 def set_active(model: nnx.Module, names: str | list[str] | None) -> None:
@@ -289,108 +343,113 @@ def set_active(model: nnx.Module, names: str | list[str] | None) -> None:
     known = adapter_names(model)
     if wanted is not None and not wanted <= known:
         raise errors.AdapterNameError(f"no adapter named {sorted(wanted - known)}; attached: {sorted(known)}")
-    for _, layer in _adapted_layers(model):
-        for key, adapter in layer.adapters.items():
-            adapter.active = wanted is None or key in wanted
-    for _, module in _modules(model):
-        if isinstance(module, ModulesToSave):
-            choices = [n for n in module.trained if wanted is None or n in wanted]
-            module.active = choices[-1] if choices else None
+    for _, layer in adapted_layers(model):
+        for key, slot in layer.slots():
+            slot.active = wanted is None or key in wanted
 
 
 @contextlib.contextmanager
 def disabled(model: nnx.Module) -> Iterator[nnx.Module]:
-    """Within the block the model computes the base outputs (adapters and saved-module copies off).
+    """Within the block the model computes the base outputs (every adapter off).
 
-    Biases that ``bias="all"`` / ``"lora_only"`` train in place keep their trained values.
+    Biases that `TrainBias` (``bias="all"`` / ``"lora_only"``) trains in place keep their values.
 
     Example:
         >>> # with disabled(model): base_logits = model(x)
     """
-    layers = [layer for _, layer in _adapted_layers(model)]
-    saved = [m for _, m in _modules(model) if isinstance(m, ModulesToSave)]
-    before = [m.active for m in saved]
+    layers = [layer for _, layer in adapted_layers(model)]
     for layer in layers:
         layer.enabled = False
-    for module in saved:
-        module.active = None
     try:
         yield model
     finally:
         for layer in layers:
             layer.enabled = True
-        for module, active in zip(saved, before):
-            module.active = active
 
 
 def merge(model: nnx.Module, *, keep_original: bool = True) -> nnx.Module:
-    """Folds the active adapters into the base kernels, in place; the adapters stop running.
+    """Folds the active adapters into the base arrays, in place; the adapters stop running.
 
-    Outputs do not change (up to float rounding). With ``keep_original`` the pre-merge kernel is
-    kept, so `unmerge` restores it bitwise; otherwise `unmerge` inverts the merge arithmetically.
+    Outputs do not change (up to float rounding). With ``keep_original`` the pre-merge arrays are
+    kept, so `unmerge` restores them bitwise. A method that cannot merge raises
+    `NotMergeableError` naming itself, before anything changes.
     """
-    for _, layer in _adapted_layers(model):
+    work = []
+    for _, layer in adapted_layers(model):
         live = layer._live()
-        if not live:
-            continue
-        merged, record = merge_kernel(_math(live), layer.op, layer.kernel[...], keep_original=keep_original)
-        layer.kernel[...] = merged
+        if live:
+            entries = [e for slot in live for e in slot.entries()]
+            work.append((layer, live, entries))
+    for layer, _, entries in work:
+        for method, *_ in entries:
+            require_mergeable(method, layer.site.path)
+    for layer, live, entries in work:
+        merged, record = merge_site(entries, layer.site, layer._base(), keep_original=keep_original)
+        layer._write_base(merged)
         layer.merge_record = MergeRecord(record)
-        for adapter in live:
-            adapter.merged = True
+        for slot in live:
+            slot.merged = True
     return model
 
 
 def unmerge(model: nnx.Module) -> nnx.Module:
-    """Undoes `merge`, in place: base kernels as before, adapters running again."""
-    layers = [layer for _, layer in _adapted_layers(model) if layer.merge_record is not None]
+    """Undoes `merge`, in place: base arrays as before, adapters running again."""
+    layers = [layer for _, layer in adapted_layers(model) if layer.merge_record is not None]
     if not layers:
         raise errors.StateError("nothing to unmerge: no adapter of this model is merged; call merge() first")
     for layer in layers:
-        merged = [a for a in layer.adapters.values() if a.merged]
-        layer.kernel[...] = unmerge_kernel(_math(merged), layer.op, layer.kernel[...],
-                                           layer.merge_record.get_value())
+        merged = [s for _, s in layer.slots() if s.merged]
+        entries = [e for slot in merged for e in slot.entries()]
+        layer._write_base(unmerge_site(entries, layer.site, layer._base(), layer.merge_record.get_value()))
         layer.merge_record = nnx.data(None)
-        for adapter in merged:
-            adapter.merged = False
+        for slot in merged:
+            slot.merged = False
     return model
-
-
-def _math(adapters: list[Adapter]) -> list[tuple[WeightMethod, dict, TargetSettings]]:
-    return [(a.method, a.params(), a.settings) for a in adapters]
 
 
 def unload(model: nnx.Module, *, merge_adapters: bool = True) -> nnx.Module:
     """Removes every wrapper, in place, leaving the user's own module classes.
 
-    With ``merge_adapters`` (the serving path) the active adapters are folded into the kernels and
-    ``modules_to_save`` keep their trained copies; without it the base model comes back as it was
-    (up to biases trained in place). Returns ``model``.
+    With ``merge_adapters`` (the serving path) the active adapters are folded into the base
+    arrays (trained copies swapped in); without it the base model comes back as it was (up to
+    biases trained in place). Returns ``model``.
     """
     if merge_adapters:
         merge(model, keep_original=False)
-    for path, module in reversed(_modules(model)):
-        if isinstance(module, AdaptedLayer):
-            _replace(model, path, module.base_layer)
-        elif isinstance(module, ModulesToSave):
-            keep = module.trained[module.active] if merge_adapters and module.active else module.original_module
-            _replace(model, path, keep)
+    for path, layer in reversed(list(adapted_layers(model))):
+        _replace(model, path, layer.base_layer)
     _retag(model, TrainedParam, nnx.Param)
     return model
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """``(graphdef, trainable, frozen)``: trainable is every ``nnx.LoRAParam`` (adapters, trained
-    biases and copies); frozen is all other state. ``nnx.merge(graphdef, trainable, frozen)``
-    rebuilds the model."""
+    """``(graphdef, trainable, frozen)``: trainable is every ``nnx.LoRAParam`` (adapters and
+    biases trained in place); frozen is all other state. ``nnx.merge(graphdef, trainable,
+    frozen)`` rebuilds the model."""
     return nnx.split(model, nnx.LoRAParam, ...)
 
 
 def summary(model: nnx.Module) -> ParamSummary:
-    """Trainable / total parameter counts (counts ``nnx.Param`` family variables only)."""
+    """Trainable / total parameter counts, with ``by_method[(adapter, method)]`` counts.
+
+    Counts ``nnx.Param``-family variables only (shared frozen projections are state, not params).
+    """
     trainable = count_params(nnx.state(model, nnx.LoRAParam))
     frozen = count_params(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
-    return ParamSummary(trainable=trainable, total=trainable + frozen)
+    by_method: dict[tuple[str, str], int] = {}
+    for _, layer in adapted_layers(model):
+        for name, slot in layer.slots():
+            for method, names in zip(slot.methods, slot.param_names):
+                n = sum(count_params(_values(getattr(slot, k))) for k in names)
+                n += sum(count_params(getattr(layer.base_layer, k)[...]) for k in method.trains_base)
+                key = (name, method.name)
+                by_method[key] = by_method.get(key, 0) + n
+    return ParamSummary(trainable=trainable, total=trainable + frozen, by_method=by_method)
+
+
+def _noisy(model: nnx.Module) -> list[AdapterSlot]:
+    return [s for _, layer in adapted_layers(model) for s in layer._live()
+            if s.rngs is not None and not s.deterministic]
 
 
 def seed_adapter_dropout(model: nnx.Module, batch: Any) -> None:
@@ -401,8 +460,7 @@ def seed_adapter_dropout(model: nnx.Module, batch: Any) -> None:
     Raises:
         BatchError: an adapter needs dropout masks and ``batch`` has no ``"dropout_rng"``.
     """
-    noisy = [a for _, layer in _adapted_layers(model) for a in layer._live()
-             if a.settings.dropout > 0 and not a.deterministic]
+    noisy = _noisy(model)
     if not noisy:
         return
     if not (isinstance(batch, dict) and "dropout_rng" in batch):
@@ -410,8 +468,8 @@ def seed_adapter_dropout(model: nnx.Module, batch: Any) -> None:
             "the model has adapters with dropout in training mode, so each batch needs a "
             "fresh key: batch['dropout_rng'] = jax.random.fold_in(key, step) (or call "
             "model.eval() to train without dropout)")
-    for i, adapter in enumerate(noisy):
-        adapter.rngs = nnx.Rngs(dropout=jax.random.fold_in(batch["dropout_rng"], i))["dropout"]
+    for i, slot in enumerate(noisy):
+        slot.rngs = nnx.Rngs(dropout=jax.random.fold_in(batch["dropout_rng"], i))["dropout"]
 
 
 def make_loss(graphdef: nnx.GraphDef, model_loss: Callable[..., Any]) -> Callable[..., Any]:
@@ -430,3 +488,62 @@ def make_loss(graphdef: nnx.GraphDef, model_loss: Callable[..., Any]) -> Callabl
         return model_loss(model, batch)
 
     return loss
+
+
+def adapter_state(model: nnx.Module, name: str | None = None) -> dict[str, jax.Array]:
+    """The canonical flat layout of the adapters: ``{"<site path>/<adapter>/<param>": array}``,
+    plus ``"<adapter>/shared/<param>"`` for shared state. Identical for the Linen front-end
+    (`peft_jax.linen.Peft.adapter_state`) on the same architecture.
+
+    Example:
+        >>> from flax import nnx
+        >>> import peft_jax
+        >>> model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+        >>> _ = attach(model, peft_jax.LoraConfig(targets=["0"], rank=2), rngs=nnx.Rngs(1))
+        >>> sorted(adapter_state(model))
+        ['layers/0/default/lora_a', 'layers/0/default/lora_b']
+    """
+    out: dict[str, jax.Array] = {}
+    for path, layer in adapted_layers(model):
+        for adapter, slot in layer.slots():
+            if name is not None and adapter != name:
+                continue
+            for names in slot.param_names:
+                for key in names:
+                    _flatten(f"{path}/{adapter}/{key}", _values(getattr(slot, key)), out)
+            if slot.shared is not None:
+                _flatten(f"{adapter}/shared", _values(slot.shared.values), out)
+    return out
+
+
+def load_adapter_state(model: nnx.Module, values: dict[str, Any]) -> None:
+    """Writes a canonical flat dict (from either front-end) into the attached adapters."""
+    current = adapter_state(model)
+    missing = sorted(set(values) - set(current))
+    if missing:
+        raise errors.StateError(f"no attached adapter param at {missing[:5]}; attach the same "
+                                "config (and adapter name) before loading")
+    for path, layer in adapted_layers(model):
+        for adapter, slot in layer.slots():
+            for names in slot.param_names:
+                for key in names:
+                    _load(getattr(slot, key), f"{path}/{adapter}/{key}", values)
+            if slot.shared is not None:
+                _load(slot.shared.values, f"{adapter}/shared", values)
+
+
+def _flatten(prefix: str, value: Any, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}/{k}", v, out)
+    else:
+        out[prefix] = value
+
+
+def _load(node: Any, prefix: str, values: dict) -> None:
+    if isinstance(node, nnx.Variable):
+        if prefix in values:
+            node[...] = jnp.asarray(values[prefix], node[...].dtype).reshape(node[...].shape)
+        return
+    for k, v in node.items():
+        _load(v, f"{prefix}/{k}", values)

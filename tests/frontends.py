@@ -94,8 +94,7 @@ class NnxHarness:
         nnx.update(self.model, trainable)
 
     def adapted_paths(self):
-        return sorted(p for p, m in peft_jax.nnx._modules(self.model)
-                      if isinstance(m, peft_jax.nnx.AdaptedLayer))
+        return sorted(p for p, m in peft_jax.nnx.adapted_layers(self.model) if m.site.kind == "linear")
 
     def merge(self, keep_original=True):
         peft_jax.nnx.merge(self.model, keep_original=keep_original)
@@ -104,8 +103,8 @@ class NnxHarness:
         peft_jax.nnx.unmerge(self.model)
 
     def base_kernels(self):
-        return {p: m.kernel[...] for p, m in peft_jax.nnx._modules(self.model)
-                if isinstance(m, peft_jax.nnx.AdaptedLayer)}
+        return {p: m.kernel[...] for p, m in peft_jax.nnx.adapted_layers(self.model)
+                if m.site.kind == "linear"}
 
     @contextlib.contextmanager
     def disabled(self):
@@ -128,9 +127,9 @@ class LinenHarness:
     def attach(self, config, name="default"):
         peft = (peft_jax.linen.attach(self.module, config, name) if self.peft is None
                 else self.peft.attach(config, name))
-        self.variables = peft.init(jax.random.key(1), self.variables, batch()["ids"])
-        self.peft = peft
-        if config.dropout > 0:
+        self.peft = peft.plan(self.variables, batch()["ids"])
+        self.variables = self.peft.init(jax.random.key(1), self.variables)
+        if any(m.needs_rng for a in self.peft.plans for s in a.sites for m in s.methods):
             self.rngs = {"dropout": jax.random.key(2)}
 
     def forward(self, ids, jit: bool):
@@ -162,7 +161,7 @@ class LinenHarness:
         self.variables = peft_jax.combine(trainable, frozen)
 
     def adapted_paths(self):
-        return sorted({p for plan in self.peft._plans.values() if isinstance(plan, dict) for p in plan})
+        return sorted({s.path for a in self.peft.plans for s in a.sites if s.site.kind == "linear"})
 
     def merge(self, keep_original=True):
         self.variables = self.peft.merge(self.variables, keep_original=keep_original)

@@ -53,10 +53,12 @@ class ParamSummary:
         trainable: number of trainable scalars.
         total: number of all scalars (trainable + frozen).
         percent: ``100 * trainable / total`` (0 for an empty model).
+        by_method: trainable scalars per ``(adapter name, method name)``, where known.
     """
 
     trainable: int
     total: int
+    by_method: dict = dataclasses.field(default_factory=dict, compare=False)
     percent: float = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:

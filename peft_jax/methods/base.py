@@ -117,8 +117,13 @@ class Method:
 
     def param_shapes(self, site: Site) -> Params:
         """Shapes of the params `init` returns (for counting without building)."""
-        shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), site, _abstract_base(site), {})[0])
-        return jax.tree.map(lambda s: tuple(s.shape), shapes)
+        import jax.numpy as jnp
+
+        def build(base):
+            key = jax.random.key(0)
+            return self.init(key, site, base, self.init_shared(key, [site], jnp.float32))[0]
+
+        return jax.tree.map(lambda s: tuple(s.shape), jax.eval_shape(build, _abstract_base(site)))
 
     # -- running ----------------------------------------------------------------------------------
     def apply(self, params: Params, shared: Params, site: Site, call: Call, x: Any, base: Params,

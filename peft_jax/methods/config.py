@@ -1,38 +1,92 @@
-"""`LoraConfig`: every knob of the LoRA family, validated once, when it is built.
+"""Configs: which methods go where. A config is anything with ``placements()``.
+
+`place` puts one method on the paths a selector matches; `compose` combines configs into one
+adapter (methods on the same layer fold in the order given); `LoraConfig` is the HF-compatible
+front door of the LoRA family and builds the same values.
 
 Example:
-    >>> from peft_jax.methods import LoraConfig, PiSSA
-    >>> cfg = LoraConfig(targets=["q_proj", "v_proj"], rank=8, alpha=16, rank_pattern={".*v_proj": 4})
-    >>> cfg.settings_for("layers/0/attn/v_proj").rank, cfg.settings_for("layers/0/attn/q_proj").scale
-    (4, 2.0)
+    >>> from peft_jax.methods import IA3, LnTuning
+    >>> cfg = compose(LoraConfig(targets=["q_proj", "v_proj"], rank=8, alpha=16,
+    ...                          rank_pattern={".*v_proj": 4}),
+    ...               place(["down_proj"], IA3(feedforward=True)),
+    ...               place(["input_layernorm"], LnTuning()))
+    >>> [p.method_for("layers/0/attn/v_proj").name for p in cfg.placements()]
+    ['lora', 'ia3', 'ln_tuning']
+    >>> cfg.placements()[0].method_for("layers/0/attn/v_proj").rank
+    4
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping
 
 from peft_jax import errors
 from peft_jax.core.select import Rules, Selector
-from peft_jax.methods.base import TargetSettings, WeightMethod
-from peft_jax.methods.dora import DORA
+from peft_jax.methods.base import Method
+from peft_jax.methods.dora import Dora
 from peft_jax.methods.initializers import KaimingUniform
-from peft_jax.methods.lora import LORA
+from peft_jax.methods.lora import Lora, check_positive, check_positive_int, check_rate
+from peft_jax.methods.selection import ModulesToSave, TrainBias
 
 BIAS_MODES = ("none", "all", "lora_only")
 
 
-def _check_rank(rank: Any, where: str) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise errors.InvalidConfigError(f"{where} must be a positive integer, got {rank!r}; "
-                                        "LoRA ranks are typically 4 to 64")
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """One method on the paths ``targets`` selects.
+
+    Attributes:
+        targets: a selector (regex fullmatch, list of names with suffix match, or callable).
+        method: a `Method`, or ``path -> Method`` for per-path settings (rank patterns).
+        what: how error messages name these targets.
+        optional: skip layers the method cannot take (e.g. biases of layers that have none)
+            instead of raising, and allow matching nothing.
+    """
+
+    targets: Selector
+    method: Method | Callable[[str], Method]
+    what: str = "targets"
+    optional: bool = False
+
+    def method_for(self, path: str) -> Method:
+        return self.method if isinstance(self.method, Method) else self.method(path)
+
+    def placements(self) -> tuple["Placement", ...]:
+        return (self,)
 
 
-def _check_alpha(alpha: Any, where: str) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise errors.InvalidConfigError(f"{where} must be a number > 0, got {alpha!r}; "
-                                        "a common choice is alpha = rank or 2 * rank")
+def place(targets: Selector, method: Method, *, optional: bool = False) -> Placement:
+    """``method`` on every layer ``targets`` selects (a config on its own, or part of `compose`).
+
+    Example:
+        >>> from peft_jax.methods import IA3
+        >>> place(["k_proj", "v_proj"], IA3()).method_for("k_proj")
+        IA3(feedforward=False)
+    """
+    if targets is None:
+        raise errors.InvalidConfigError("targets is required, e.g. place(['q_proj'], method)")
+    if not isinstance(method, Method):
+        raise errors.InvalidConfigError(f"place() needs a method value such as Lora(rank=8), got {method!r}")
+    return Placement(targets, method, what=f"{type(method).__name__} targets", optional=optional)
+
+
+@dataclasses.dataclass(frozen=True)
+class Composed:
+    """Several configs as one adapter; see `compose`."""
+
+    parts: tuple[Any, ...]
+
+    def placements(self) -> tuple[Placement, ...]:
+        return tuple(p for part in self.parts for p in part.placements())
+
+
+def compose(*configs: Any) -> Composed:
+    """One adapter made of several configs (LoRA on attention + IA3 on the FFN + LN tuning ...)."""
+    for c in configs:
+        if not hasattr(c, "placements"):
+            raise errors.InvalidConfigError(f"compose() takes configs (LoraConfig, place(...)), got {c!r}")
+    return Composed(tuple(configs))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,11 +102,12 @@ class LoraConfig:
         rank_pattern: ``{selector: rank}`` overrides, first match wins (HF PEFT ``rank_pattern``).
         alpha_pattern: ``{selector: alpha}`` overrides, first match wins.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (arXiv:2312.03732).
-        use_dora: weight-decomposed LoRA (arXiv:2402.09353).
+        use_dora: weight-decomposed LoRA (arXiv:2402.09353), `Dora` composed on `Lora`.
         init: how ``A`` and ``B`` start (`KaimingUniform`, `Gaussian`, `PiSSA`, `OLoRA`).
-        bias: which existing biases train: ``"none"``, ``"all"``, or ``"lora_only"`` (those of
-            adapted layers), as in HF PEFT.
-        modules_to_save: modules trained fully (e.g. a classifier head), same selector rules.
+        lora_bias: a trainable bias on ``B`` (HF PEFT ``lora_bias``).
+        bias: which existing biases train (`TrainBias`): ``"none"``, ``"all"``, or
+            ``"lora_only"`` (those of adapted layers), as in HF PEFT.
+        modules_to_save: modules trained fully as copies (`ModulesToSave`), e.g. a head.
     """
 
     targets: Selector
@@ -64,37 +119,49 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init: Callable[..., Any] = KaimingUniform()
+    lora_bias: bool = False
     bias: str = "none"
     modules_to_save: Selector = None
 
     def __post_init__(self) -> None:
         if self.targets is None:
             raise errors.InvalidConfigError("targets is required, e.g. targets=['q_proj', 'v_proj']")
-        _check_rank(self.rank, "rank")
-        _check_alpha(self.alpha, "alpha")
+        check_positive_int(self.rank, "rank")
+        check_positive(self.alpha, "alpha")
         for key, rank in dict(self.rank_pattern).items():
-            _check_rank(rank, f"rank_pattern[{key!r}]")
+            check_positive_int(rank, f"rank_pattern[{key!r}]")
         for key, alpha in dict(self.alpha_pattern).items():
-            _check_alpha(alpha, f"alpha_pattern[{key!r}]")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise errors.InvalidConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            check_positive(alpha, f"alpha_pattern[{key!r}]")
+        check_rate(self.dropout, "dropout")
         if self.bias not in BIAS_MODES:
             raise errors.InvalidConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if not callable(self.init):
             raise errors.InvalidConfigError(
-                f"init must be an initializer value such as peft_jax.methods.PiSSA(), got {self.init!r}")
+                f"init must be an initializer value such as peft_jax.PiSSA(), got {self.init!r}")
+        if self.use_dora and self.lora_bias:
+            raise errors.InvalidConfigError("use_dora and lora_bias cannot be combined (nor in HF PEFT)")
         # Compile the selectors now so a bad regex fails here, not at attach time.
         Rules(dict(self.rank_pattern))
         Rules(dict(self.alpha_pattern))
 
-    @property
-    def method(self) -> WeightMethod:
-        """The math this config runs: DoRA composes onto LoRA."""
-        return DORA if self.use_dora else LORA
-
-    def settings_for(self, path: str) -> TargetSettings:
-        """The rank, alpha and scale of the layer at ``path`` after the pattern overrides."""
+    def settings_for(self, path: str) -> Lora:
+        """The `Lora` of the layer at ``path`` after the pattern overrides (rank, alpha, scale)."""
         rank = Rules(dict(self.rank_pattern), default=self.rank).lookup(path)
         alpha = float(Rules(dict(self.alpha_pattern), default=self.alpha).lookup(path))
-        scale = alpha / (math.sqrt(rank) if self.use_rslora else rank)
-        return TargetSettings(rank=rank, alpha=alpha, scale=scale, dropout=float(self.dropout))
+        return Lora(rank=rank, alpha=alpha, dropout=float(self.dropout), use_rslora=self.use_rslora,
+                    init_weights=self.init, lora_bias=self.lora_bias)
+
+    def method_for(self, path: str) -> Method:
+        """The method at ``path``: `Lora`, or `Dora` built on it."""
+        lora = self.settings_for(path)
+        return Dora(lora=lora) if self.use_dora else lora
+
+    def placements(self) -> tuple[Placement, ...]:
+        out = [Placement(self.targets, self.method_for, what="LoRA targets")]
+        if self.bias == "lora_only":
+            out.append(Placement(self.targets, TrainBias(), what="LoRA targets", optional=True))
+        elif self.bias == "all":
+            out.append(Placement(r".*", TrainBias(), what="biases", optional=True))
+        if self.modules_to_save is not None:
+            out.append(Placement(self.modules_to_save, ModulesToSave(), what="modules_to_save"))
+        return tuple(out)

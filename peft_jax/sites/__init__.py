@@ -1,0 +1,12 @@
+"""What both front-ends share: planning which methods go on which sites, and running a site.
+
+`nnx.py` and `linen.py` only translate their layers into sites (`LinearSite` / `ModuleSite`),
+their variables into dicts, and their calls into ``call(x)``; everything else is here.
+"""
+
+from peft_jax.sites.plan import AdapterPlan, SitePlan, plan_adapter
+from peft_jax.sites.run import attend_site, merge_site, run_site, unmerge_site
+from peft_jax.sites.layers import conv_op, describe
+
+__all__ = ["AdapterPlan", "SitePlan", "attend_site", "conv_op", "describe", "merge_site",
+           "plan_adapter", "run_site", "unmerge_site"]
