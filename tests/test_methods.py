@@ -101,7 +101,7 @@ def test_nnx_optimizer_with_lora_param_filter_trains_only_adapters():
         step(model, optimizer, b)
     frozen_after = nnx.state(model, nnx.Not(nnx.LoRAParam))
     assert jax.tree.all(jax.tree.map(np.array_equal, frozen_before, frozen_after))
-    assert float(jnp.abs(model.dense.adapters["default"].lora_b[...]).max()) > 0
+    assert float(jnp.abs(model.dense.default.lora_b[...]).max()) > 0
 
 
 def test_two_adapters_add_and_switch():
@@ -111,7 +111,7 @@ def test_two_adapters_add_and_switch():
         peft_jax.nnx.attach(model, LoraConfig(targets=["dense"], rank=2, init=peft_jax.Gaussian(std=1.0)),
                             rngs=nnx.Rngs(seed), name=name)
     for name in ("one", "two"):
-        adapter = model.dense.adapters[name]
+        adapter = getattr(model.dense, name)
         adapter.lora_b[...] = _normal(7, adapter.lora_b.shape)
     both = model.dense(x)
     peft_jax.nnx.set_active(model, "one")

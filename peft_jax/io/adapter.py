@@ -6,7 +6,7 @@ Layout of ``DIR``::
     DIR/adapter_config.json         the method's settings (peft_type, r, lora_alpha, targets, ...)
 
 The keys are this library's own paths (e.g.
-``bert/encoder/layer/0/attention/self/query/adapters/default/lora_a``), so the directory round-trips
+``bert/encoder/layer/0/attention/self/query/default/lora_a``), so the directory round-trips
 exactly into the trainable state it came from. The directory is written atomically
 (`peft_jax.io.atomic_directory`): an interrupted save leaves the previous adapter in place.
 

@@ -34,9 +34,6 @@ from peft_jax.methods.base import Context, LinearSite, Mergeable, Method, Params
 from peft_jax.methods.initializers import KaimingUniform
 from peft_jax.ops import LinearOp
 
-_WARNED: set[tuple[str, int]] = set()
-
-
 def check_positive_int(value: Any, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise errors.InvalidConfigError(f"{where} must be a positive integer, got {value!r}")
@@ -70,9 +67,9 @@ def low_rank(a: jax.Array, b: jax.Array, op: LinearOp, x: jax.Array, scale: floa
 
 
 def warn_rank_above(site: LinearSite, rank: int, what: str) -> None:
-    """One warning per (path, rank) when a rank exceeds ``min(fan_in, fan_out)`` (HF allows it)."""
-    if rank > site.op.max_rank and (site.path, rank) not in _WARNED:
-        _WARNED.add((site.path, rank))
+    """Warns when a rank exceeds ``min(fan_in, fan_out)`` (allowed, as in HF PEFT); planning
+    gathers these into one warning per attach."""
+    if rank > site.op.max_rank:
         warnings.warn(f"{what} rank {rank} on {site.path!r} is larger than min(fan_in, fan_out) = "
                       f"{site.op.max_rank}; the extra rank adds parameters but no expressiveness",
                       UserWarning, stacklevel=3)

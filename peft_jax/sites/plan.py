@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Sequence
 
 from peft_jax import errors
@@ -125,10 +126,15 @@ def plan_adapter(name: str, config: Any, paths: Sequence[str], describe: Describ
         methods = _usable(path, chosen[path], optional, describe, type_of(path))
         if methods:
             sites.append(SitePlan(path, _site_for(path, methods, describe, type_of(path)), tuple(methods)))
-    for s in sites:
-        for m in s.methods:
-            m.check(s.site)
-        _check_param_names(s)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        for s in sites:
+            for m in s.methods:
+                m.check(s.site)
+            _check_param_names(s)
+    if notes:  # one warning per attach, however many layers it concerns
+        warnings.warn("; ".join(dict.fromkeys(str(n.message) for n in notes)), notes[0].category,
+                      stacklevel=3)
     return AdapterPlan(name=name, config=config, sites=tuple(sites))
 
 

@@ -54,7 +54,7 @@ def frozen_depth(model: Any, trainable_paths: Iterable[str]) -> int:
         trainable_paths: "/"-joined paths of the trainable leaves.
 
     Example:
-        >>> frozen_depth(m, ["bert/encoder/layer/4/attention/self/query/adapters/default/lora_a",
+        >>> frozen_depth(m, ["bert/encoder/layer/4/attention/self/query/default/lora_a",
         ...                  "classifier/trained/default/kernel"])  # doctest: +SKIP
         4
     """

@@ -172,8 +172,8 @@ def _optimizer(settings: TrainSettings, num_steps: int) -> optax.GradientTransfo
 
 def _init_head(model: Any, kernel: np.ndarray, bias: np.ndarray) -> None:
     head = model.classifier
-    if isinstance(head, peft_nnx.ModulesToSave):
-        head = head.trained[ADAPTER_NAME]
+    if isinstance(head, peft_nnx.AdaptedLayer):  # modules_to_save: the trained copy
+        head = getattr(head, ADAPTER_NAME)
     head.kernel[...] = kernel.astype(head.kernel[...].dtype)
     head.bias[...] = bias.astype(head.bias[...].dtype)
 

@@ -3,9 +3,11 @@
 The mesh has three named axes: ``"data"`` (batch only), ``"fsdp"`` (batch *and* one axis of each
 big frozen weight) and ``"tensor"`` (the other axis: column-parallel q/k/v/gate/up, row-parallel
 o/down). Sharding rules are ``(regex, PartitionSpec)`` pairs on "/"-joined paths; the first match
-wins (`peft_jax.core.Rules`), and a dimension its mesh axes do not divide stays whole. LoRA factors
-follow the base layer they attach to: ``lora_a`` takes the kernel's input-axis sharding,
-``lora_b`` its output-axis one (leaves smaller than ``replicate_below`` are replicated). Optimizer
+wins (`peft_jax.core.Rules`), and a dimension its mesh axes do not divide stays whole. Adapter
+params follow the base layer they attach to, whatever the method (both front-ends' layout,
+``<site>/<adapter>/<param>``): a param whose leading axes are the kernel's input axes (LoRA's
+``A``) takes their sharding, one whose trailing axes are its output axes (``B``, DoRA's magnitude,
+IA3's and VeRA's vectors) takes theirs (leaves smaller than ``replicate_below`` are replicated). Optimizer
 moments follow the trainable leaves they belong to; counters and keys are replicated. Batches are
 split over ``("data", "fsdp")``.
 
@@ -83,7 +85,21 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(x.shape) if hasattr(x, "shape") else _shape(x)
 
 
-_ADAPTER = re.compile(r"(?P<layer>.*)/adapters/[^/]+/(?P<var>[^/]+)")
+
+
+def _base_kernel(path: str, frozen_items: dict) -> str | None:
+    """The frozen kernel of the site an adapter param at ``path`` belongs to (either front-end's
+    layout: ``<site>/<adapter>/<param>`` beside ``<site>/base_layer/kernel`` in NNX,
+    ``adapters/<site>/<adapter>/<param>`` beside ``params/<site>/kernel`` in Linen)."""
+    parts = path.split("/")
+    linen = parts[0] == "adapters"
+    for cut in range(len(parts) - 2, 0, -1):
+        site = "/".join(parts[1:cut] if linen else parts[:cut])
+        for leaf in ("kernel", "embedding"):
+            base = f"params/{site}/{leaf}" if linen else f"{site}/base_layer/{leaf}"
+            if base in frozen_items:
+                return base
+    return None
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, *, devices: Any = None) -> Mesh:
@@ -146,15 +162,18 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     return P(*out)
 
 
-def _adapter_spec(var: str, shape: tuple, base_shape: tuple, base_spec: P) -> P:
+def _adapter_spec(shape: tuple, base_shape: tuple, base_spec: P) -> P:
+    """An adapter param's spec from the base kernel's, by which kernel axes its axes repeat."""
     base = tuple(base_spec) + (None,) * (len(base_shape) - len(base_spec))
     n = len(shape)
-    if var == "lora_a" and n >= 2 and shape[:-1] == base_shape[:n - 1]:
-        return P(*base[:n - 1], None)
-    if var == "lora_b" and n >= 2 and shape[1:] == base_shape[len(base_shape) - n + 1:]:
-        return P(None, *base[len(base) - n + 1:])
     if 0 < n <= len(base_shape) and shape == base_shape[len(base_shape) - n:]:
-        return P(*base[len(base) - n:])  # per-output vectors (DoRA magnitude)
+        return P(*base[len(base) - n:])  # per-output vectors (DoRA magnitude, IA3, VeRA's b)
+    if n >= 2 and shape[:-1] == base_shape[:n - 1]:
+        return P(*base[:n - 1], None)  # (*in, r): LoRA's A
+    if n >= 2 and shape[1:] == base_shape[len(base_shape) - n + 1:]:
+        return P(None, *base[len(base) - n + 1:])  # (r, *out): LoRA's B
+    if 0 < n < len(base_shape) and shape == base_shape[:n]:
+        return P(*base[:n])  # per-input vectors (IA3 on a feed-forward input)
     return P()
 
 
@@ -162,19 +181,19 @@ def param_specs(mesh: Mesh, frozen: Any, trainable: Any = None, *, rules: Rules 
                 replicate_below: int = 0) -> tuple[Any, Any]:
     """``(frozen_specs, trainable_specs)``: a ``PartitionSpec`` per leaf.
 
-    Frozen leaves take the first matching rule. A trainable leaf at
-    ``<layer>/adapters/<name>/<var>`` follows ``<layer>/base_layer/kernel`` (or ``embedding``):
-    ``lora_a`` its leading (input) axes, ``lora_b`` its trailing (output) axes; other trainable
-    leaves take the rules too. Leaves with fewer than ``replicate_below`` elements are replicated.
+    Frozen leaves take the first matching rule. A trainable leaf of an adapted site follows the
+    site's frozen kernel (NNX ``<site>/base_layer/kernel``, Linen ``params/<site>/kernel``, or
+    ``embedding``): axes that repeat the kernel's input axes take their sharding, axes that
+    repeat its output axes theirs; other trainable leaves take the rules too. Leaves with fewer
+    than ``replicate_below`` elements are replicated.
 
     Example:
         >>> import jax.numpy as jnp
         >>> mesh = make_mesh({"fsdp": 2, "tensor": 4})
         >>> f = {"l": {"o_proj": {"base_layer": {"kernel": jnp.ones((8, 16))}}}}
-        >>> t = {"l": {"o_proj": {"adapters": {"default": {"lora_a": jnp.ones((8, 2)),
-        ...                                                  "lora_b": jnp.ones((2, 16))}}}}}
+        >>> t = {"l": {"o_proj": {"default": {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 16))}}}}
         >>> fs, ts = param_specs(mesh, f, t)
-        >>> fs["l"]["o_proj"]["base_layer"]["kernel"], ts["l"]["o_proj"]["adapters"]["default"]["lora_b"]
+        >>> fs["l"]["o_proj"]["base_layer"]["kernel"], ts["l"]["o_proj"]["default"]["lora_b"]
         (P('tensor', 'fsdp'), P(None, 'fsdp'))
     """
 
@@ -187,18 +206,13 @@ def param_specs(mesh: Mesh, frozen: Any, trainable: Any = None, *, rules: Rules 
     frozen_specs = {p: rule_spec(p, x) for p, x in frozen_items.items()}
 
     def trainable_spec(path: str, x: Any) -> P:
-        m = _ADAPTER.fullmatch(path)
-        if m is None:
+        base = _base_kernel(path, frozen_items)
+        if base is None:
             return rule_spec(path, x)
         if math.prod(_shape(x)) < replicate_below:
             return P()
-        for leaf in ("kernel", "embedding"):
-            base = f"{m['layer']}/base_layer/{leaf}"
-            if base in frozen_items:
-                spec = _adapter_spec(m["var"], _shape(x), _shape(frozen_items[base]),
-                                     frozen_specs[base])
-                return _fit(spec, _shape(x), mesh)
-        return P()
+        spec = _adapter_spec(_shape(x), _shape(frozen_items[base]), frozen_specs[base])
+        return _fit(spec, _shape(x), mesh)
 
     return (map_with_path(lambda p, x: frozen_specs[p], frozen),
             None if trainable is None else map_with_path(trainable_spec, trainable))

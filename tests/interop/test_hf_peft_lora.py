@@ -60,10 +60,9 @@ SVD_INITS = ("pissa", "olora")
 
 
 # --- the only code that knows where our adapter params live -------------------------------------
-# Today's NNX layout: <module path>/adapters/<name>/<param> (peft_jax.nnx.AdaptedLayer.adapters);
-# when it changes, only these two functions (and `our_base_kernel`) need to follow.
+# The canonical layout: <module path>/<adapter name>/<param>.
 def _adapter_prefix(module_path: str, name: str) -> tuple[str, ...]:
-    return (*module_path.split("/"), "adapters", name)
+    return (*module_path.split("/"), name)
 
 
 def _our_adapter_vars(model, module_path: str, name: str):

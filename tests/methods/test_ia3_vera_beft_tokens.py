@@ -27,8 +27,8 @@ TOL = 1e-5
 
 def interop(test):
     """Marks an HF PEFT comparison (peft 0.21 reads transformers 5's deprecated alias; not ours)."""
-    test = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")(test)
-    return pytest.mark.interop(test)
+    ignore = "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+    return pytest.mark.interop(pytest.mark.filterwarnings(ignore)(test))
 
 
 def _close(a, b, tol=TOL):
@@ -169,7 +169,8 @@ def test_vera_matches_hf(hf):
     torch, peft = hf
     rank = 4
     sizes = {"lin1": (6, 5), "lin2": (5, 7)}  # max_in 6 (lin1), max_out 7 (lin2): both slice
-    lins = {p: _torch_linear(torch, i, o, p == "lin1", seed=30 + k) for k, (p, (i, o)) in enumerate(sizes.items())}
+    lins = {p: _torch_linear(torch, i, o, p == "lin1", seed=30 + k)
+            for k, (p, (i, o)) in enumerate(sizes.items())}
     bases = {p: _linear_base(lin, p == "lin1") for p, lin in lins.items()}
     model = peft.get_peft_model(_tiny(torch, **lins), peft.VeraConfig(
         r=rank, target_modules=list(sizes), d_initial=0.1, projection_prng_key=0))
@@ -323,9 +324,12 @@ def _methods(kind):
 
 
 # a bias matters to IA3's output scaling (it is rescaled too) and to BEFT (merged into it)
+def _wants_bias(kind, m):
+    return kind != "embed" and isinstance(m, (IA3, Beft)) and not getattr(m, "feedforward", False)
+
+
 CASES = [(kind, m, bias) for kind in OPS for m in _methods(kind) for bias in (False, True)
-         if (not bias or (kind != "embed" and isinstance(m, (IA3, Beft)) and not getattr(m, "feedforward", False)))
-         and not (isinstance(m, Beft) and not bias)]
+         if (not bias or _wants_bias(kind, m)) and not (isinstance(m, Beft) and not bias)]
 
 
 def _id(case):
@@ -437,7 +441,8 @@ def test_config_errors():
         with pytest.raises(errors.InvalidConfigError, match="feedforward"):
             IA3(**bad)
     for bad, what in ((dict(rank=0), "rank"), (dict(rank=2.0), "rank"), (dict(dropout=1.0), "dropout"),
-                      (dict(d_initial=float("nan")), "d_initial"), (dict(projection_prng_key="0"), "prng"),
+                      (dict(d_initial=float("nan")), "d_initial"),
+                      (dict(projection_prng_key="0"), "prng"),
                       (dict(save_projection="yes"), "save_projection")):
         with pytest.raises(errors.InvalidConfigError, match=what):
             Vera(**bad)
@@ -454,7 +459,8 @@ def test_site_errors():
     for method in (IA3(), IA3(feedforward=True), Vera(rank=2), Beft(), TrainableTokens(indices=(1,))):
         with pytest.raises(errors.UnsupportedLayerError, match="'norm'"):
             method.check(module)
-    with pytest.raises(errors.UnsupportedLayerError, match=r"'layers/embed' \(Embed\).*feedforward=False"):
+    embed_ff = r"'layers/embed' \(Embed\).*feedforward=False"
+    with pytest.raises(errors.UnsupportedLayerError, match=embed_ff):
         IA3(feedforward=True).check(embed)
     with pytest.raises(errors.UnsupportedLayerError, match=r"'layers/dense' \(Dense\).*Embed"):
         TrainableTokens(indices=(1,)).check(dense)

@@ -163,8 +163,8 @@ def test_lora_fast_path_gradients_match_plain_autodiff():
     layer = model.layers[0].mlp.up_proj
     x = jax.random.normal(jax.random.key(0), (2, 5, 32))
     w = layer.base_layer.kernel[...]
-    adapter = layer.adapters["default"]
-    a, b, s = adapter.lora_a[...], adapter.lora_b[...], adapter.settings.scale
+    adapter = layer.default
+    a, b, s = adapter.lora_a[...], adapter.lora_b[...], adapter.methods[0].scale
 
     def reference(a, b, x):
         return jnp.sum(jnp.sin(x @ w + s * ((x @ a) @ b)))
@@ -177,7 +177,7 @@ def test_lora_fast_path_gradients_match_plain_autodiff():
 
     want = jax.grad(reference, argnums=(0, 1, 2))(a, b, x)
     got_params, got_x = jax.grad(adapted, argnums=(0, 1))(trainable, x)
-    got_params = got_params["adapters"]["default"]
+    got_params = got_params["default"]
     for g, r in zip((got_params["lora_a"][...], got_params["lora_b"][...], got_x), want):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
     ga = jax.grad(lambda a: jnp.sum(jnp.sin(thin_matmul(x[0], a))))(a)

@@ -147,4 +147,4 @@ def test_frozen_depth_with_all_layers_and_embeddings():
     model = _model()
     assert frozen_depth(model, ["bert/encoder/layer/0/attention/self/query/x"]) == 0
     assert frozen_depth(model, ["classifier/trained/default/kernel"]) == 3
-    assert frozen_depth(model, ["bert/embeddings/word_embeddings/adapters/default/lora_a"]) == 0
+    assert frozen_depth(model, ["bert/embeddings/word_embeddings/default/lora_a"]) == 0

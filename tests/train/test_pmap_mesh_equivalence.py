@@ -98,10 +98,10 @@ def test_mesh_2x4_matches_one_device(single, shape):
     specs = {p: x.sharding.spec for p, x in peft_jax.core.tree_items(frozen)}
     tspecs = {p: x.sharding.spec for p, x in peft_jax.core.tree_items(trainable)}
     assert specs[f"{q}/base_layer/kernel"] == P("fsdp", "tensor")
-    assert tspecs[f"{q}/adapters/default/lora_a"] == P("fsdp")
-    assert tspecs[f"{q}/adapters/default/lora_b"] == P(None, "tensor")
+    assert tspecs[f"{q}/default/lora_a"] == P("fsdp")
+    assert tspecs[f"{q}/default/lora_b"] == P(None, "tensor")
     opt_state = step.init(trainable)
-    mu = [x for p, x in peft_jax.core.tree_items(opt_state) if p.endswith(f"mu/{q}/adapters/default/lora_a")]
+    mu = [x for p, x in peft_jax.core.tree_items(opt_state) if p.endswith(f"mu/{q}/default/lora_a")]
     assert mu and mu[0].sharding.spec == P("fsdp")
     losses = []
     for b in _batches():

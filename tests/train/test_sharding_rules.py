@@ -56,12 +56,12 @@ def test_decoder_rules_fsdp_and_tensor_parallel_with_adapters_following_their_ba
         dict(tree_items(ts, is_leaf=lambda x: isinstance(x, P)))
     for col in ["self_attn/q_proj", "self_attn/k_proj", "mlp/gate_proj", "mlp/up_proj"]:
         assert fs[f"layers/0/{col}/base_layer/kernel"] == P("fsdp", "tensor")
-        assert ts[f"layers/0/{col}/adapters/default/lora_a"] == P("fsdp")
-        assert ts[f"layers/0/{col}/adapters/default/lora_b"] == P(None, "tensor")
+        assert ts[f"layers/0/{col}/default/lora_a"] == P("fsdp")
+        assert ts[f"layers/0/{col}/default/lora_b"] == P(None, "tensor")
     for row in ["self_attn/o_proj", "mlp/down_proj"]:
         assert fs[f"layers/0/{row}/base_layer/kernel"] == P("tensor", "fsdp")
-        assert ts[f"layers/0/{row}/adapters/default/lora_a"] == P("tensor")
-        assert ts[f"layers/0/{row}/adapters/default/lora_b"] == P(None, "fsdp")
+        assert ts[f"layers/0/{row}/default/lora_a"] == P("tensor")
+        assert ts[f"layers/0/{row}/default/lora_b"] == P(None, "fsdp")
     assert fs["embed_tokens/embedding"] == P("tensor", "fsdp")
     assert fs["lm_head/kernel"] == P("fsdp", "tensor")
     assert fs["norm/scale"] == P()
