@@ -24,19 +24,36 @@ from peft_jax.core import (
     tree_paths,
 )
 from peft_jax.methods import (
+    IA3,
+    OFT,
+    Beft,
+    Dora,
     Gaussian,
+    IA3Config,
     KaimingUniform,
+    LnTuning,
+    LoHa,
+    LoKr,
+    Lora,
     LoraConfig,
+    ModulesToSave,
     OLoRA,
     PiSSA,
+    TrainableTokens,
+    TrainBias,
+    Vera,
+    compose,
     loraplus,
+    place,
 )
 from peft_jax.train import make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Gaussian", "KaimingUniform", "LoraConfig", "OLoRA", "ParamSummary", "PiSSA", "Rules",
-    "combine", "count_params", "errors", "explain", "linen", "loraplus", "make_train_step",
-    "nnx", "partition", "select", "summarize", "tree_paths",
+    "Beft", "Dora", "Gaussian", "IA3", "IA3Config", "KaimingUniform", "LnTuning", "LoHa", "LoKr",
+    "Lora", "LoraConfig", "ModulesToSave", "OFT", "OLoRA", "ParamSummary", "PiSSA", "Rules",
+    "TrainBias", "TrainableTokens", "Vera", "combine", "compose", "count_params", "errors",
+    "explain", "linen", "loraplus", "make_train_step", "nnx", "partition", "place", "select",
+    "summarize", "tree_paths",
 ]

@@ -383,8 +383,10 @@ def merge(model: nnx.Module, *, keep_original: bool = True) -> nnx.Module:
     for layer, _, entries in work:
         for method, *_ in entries:
             require_mergeable(method, layer.site.path)
-    for layer, live, entries in work:
-        merged, record = merge_site(entries, layer.site, layer._base(), keep_original=keep_original)
+    # Every merge is computed before any is written, so a failing one changes nothing.
+    done = [(layer, live, *merge_site(entries, layer.site, layer._base(), keep_original=keep_original))
+            for layer, live, entries in work]
+    for layer, live, merged, record in done:
         layer._write_base(merged)
         layer.merge_record = MergeRecord(record)
         for slot in live:

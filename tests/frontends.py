@@ -94,7 +94,7 @@ class NnxHarness:
         nnx.update(self.model, trainable)
 
     def adapted_paths(self):
-        return sorted(p for p, m in peft_jax.nnx.adapted_layers(self.model) if m.site.kind == "linear")
+        return sorted(p for p, _ in peft_jax.nnx.adapted_layers(self.model))
 
     def merge(self, keep_original=True):
         peft_jax.nnx.merge(self.model, keep_original=keep_original)
@@ -102,9 +102,10 @@ class NnxHarness:
     def unmerge(self):
         peft_jax.nnx.unmerge(self.model)
 
-    def base_kernels(self):
-        return {p: m.kernel[...] for p, m in peft_jax.nnx.adapted_layers(self.model)
-                if m.site.kind == "linear"}
+    def base_arrays(self):
+        """Every base param of every adapted site, as nested dicts."""
+        return {p: nnx.to_pure_dict(nnx.state(m.base_layer, nnx.Param))
+                for p, m in peft_jax.nnx.adapted_layers(self.model)}
 
     @contextlib.contextmanager
     def disabled(self):
@@ -161,7 +162,7 @@ class LinenHarness:
         self.variables = peft_jax.combine(trainable, frozen)
 
     def adapted_paths(self):
-        return sorted({s.path for a in self.peft.plans for s in a.sites if s.site.kind == "linear"})
+        return sorted({s.path for a in self.peft.plans for s in a.sites})
 
     def merge(self, keep_original=True):
         self.variables = self.peft.merge(self.variables, keep_original=keep_original)
@@ -169,9 +170,8 @@ class LinenHarness:
     def unmerge(self):
         self.variables = self.peft.unmerge(self.variables)
 
-    def base_kernels(self):
-        params = self.variables["params"]
-        return {p: params[p].get("kernel", params[p].get("embedding")) for p in self.adapted_paths()}
+    def base_arrays(self):
+        return {p: dict(self.variables["params"][p]) for p in self.adapted_paths()}
 
     @contextlib.contextmanager
     def disabled(self):

@@ -13,20 +13,29 @@ from peft_jax.methods.base import (
     Site,
     is_mergeable,
 )
-from peft_jax.methods.config import Composed, LoraConfig, Placement, compose, place
+from peft_jax.methods.beft import Beft
+from peft_jax.methods.config import Composed, IA3Config, LoraConfig, Placement, compose, place
 from peft_jax.methods.dora import Dora, column_norm, exact_column_norm
+from peft_jax.methods.ia3 import IA3
 from peft_jax.methods.initializers import Gaussian, KaimingUniform, OLoRA, PiSSA
+from peft_jax.methods.loha import LoHa
+from peft_jax.methods.lokr import LoKr
 from peft_jax.methods.lora import Lora
 from peft_jax.methods.loraplus import lora_b_labels, loraplus
+from peft_jax.methods.oft import OFT
 from peft_jax.methods.selection import LnTuning, ModulesToSave, TrainBias, TrainCopy
+from peft_jax.methods.trainable_tokens import TrainableTokens
+from peft_jax.methods.vera import Vera
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Lora, Dora, TrainBias, LnTuning, ModulesToSave)
+    cls.name: cls for cls in (Lora, Dora, IA3, Vera, LoHa, LoKr, OFT, Beft, TrainBias, LnTuning,
+                              ModulesToSave, TrainableTokens)
 }
 
 __all__ = [
-    "Composed", "Context", "Dora", "Gaussian", "KaimingUniform", "LinearSite", "LnTuning",
-    "Lora", "LoraConfig", "METHODS", "Mergeable", "Method", "ModuleSite", "ModulesToSave",
-    "OLoRA", "PiSSA", "Placement", "Site", "TrainBias", "TrainCopy", "column_norm", "compose",
+    "Beft", "Composed", "Context", "Dora", "Gaussian", "IA3", "IA3Config", "KaimingUniform",
+    "LinearSite", "LnTuning", "LoHa", "LoKr", "Lora", "LoraConfig", "METHODS", "Mergeable",
+    "Method", "ModuleSite", "ModulesToSave", "OFT", "OLoRA", "PiSSA", "Placement", "Site",
+    "TrainBias", "TrainCopy", "TrainableTokens", "Vera", "column_norm", "compose",
     "exact_column_norm", "is_mergeable", "lora_b_labels", "loraplus", "place",
 ]

@@ -72,6 +72,9 @@ class Beft(Method, Mergeable):
         out = call(x)
         return add_output(site.op, out, params["beft_bias"].astype(out.dtype))
 
+    def attend(self, params, shared, site: LinearSite, query, out, base):
+        return out  # a tied head reads the table, which BEFT leaves as it is
+
     def _bias_delta(self, params, site: LinearSite, base) -> jax.Array:
         if "bias" not in base:
             raise errors.NotMergeableError(

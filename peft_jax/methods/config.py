@@ -22,9 +22,10 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 from peft_jax import errors
-from peft_jax.core.select import Rules, Selector
+from peft_jax.core.select import Rules, Selector, compile_selector
 from peft_jax.methods.base import Method
 from peft_jax.methods.dora import Dora
+from peft_jax.methods.ia3 import IA3
 from peft_jax.methods.initializers import KaimingUniform
 from peft_jax.methods.lora import Lora, check_positive, check_positive_int, check_rate
 from peft_jax.methods.selection import ModulesToSave, TrainBias
@@ -165,3 +166,28 @@ class LoraConfig:
         if self.modules_to_save is not None:
             out.append(Placement(self.modules_to_save, ModulesToSave(), what="modules_to_save"))
         return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IA3Config:
+    """(IA)^3 as HF PEFT configures it: ``targets``, of which those ``feedforward_modules`` also
+    matches scale their input instead of their output (e.g. ``targets=["k_proj", "v_proj", "down_proj"]``,
+    ``feedforward_modules=["down_proj"]``).
+
+    Example:
+        >>> cfg = IA3Config(targets=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+        >>> [cfg.placements()[0].method_for(p).feedforward for p in ("l/k_proj", "l/down_proj")]
+        [False, True]
+    """
+
+    targets: Selector
+    feedforward_modules: Selector = None
+
+    def __post_init__(self) -> None:
+        if self.targets is None:
+            raise errors.InvalidConfigError("targets is required, e.g. targets=['k_proj', 'v_proj', 'down_proj']")
+
+    def placements(self) -> tuple[Placement, ...]:
+        feedforward = compile_selector(self.feedforward_modules)
+        return (Placement(self.targets, lambda path: IA3(feedforward=bool(feedforward(path, None))),
+                          what="IA3 targets"),)

@@ -36,13 +36,13 @@ Example:
     >>> from peft_jax.ops import dense_op
     >>> from peft_jax.methods.base import Context, LinearSite
     >>> site = LinearSite(path="q", op=dense_op(64, 48), layer="Linear", has_bias=False)
-    >>> lokr = LoKr(rank=4, alpha=4.0)
+    >>> lokr = LoKr(rank=2, alpha=4.0)
     >>> lokr.factors(site)  # ((in_m, in_n), (out_l, out_k))
     ((8, 8), (6, 8))
     >>> base = {"kernel": jnp.ones((64, 48))}
     >>> params, _ = lokr.init(jax.random.key(0), site, base, {})
     >>> sorted((k, v.shape) for k, v in params.items())
-    [('lokr_w1', (8, 6)), ('lokr_w2_a', (4, 8)), ('lokr_w2_b', (8, 4))]
+    [('lokr_w1', (8, 6)), ('lokr_w2_a', (2, 8)), ('lokr_w2_b', (8, 2))]
     >>> x = jnp.ones((3, 64))
     >>> y = lokr.apply(params, {}, site, lambda x: x @ base["kernel"], x, base, Context())
     >>> bool(jnp.array_equal(y, x @ base["kernel"]))  # lokr_w1 starts at zero
@@ -139,7 +139,8 @@ class LoKr(Method, Mergeable):
         check_rate(self.module_dropout, "LoKr module_dropout")
         if self.decompose_factor != -1:
             check_positive_int(self.decompose_factor, "LoKr decompose_factor (or -1)")
-        if self.init_weights not in (True, False, "lycoris") or not isinstance(self.init_weights, (bool, str)):
+        init = self.init_weights
+        if not isinstance(init, (bool, str)) or init not in (True, False, "lycoris"):
             raise errors.InvalidConfigError(
                 f"LoKr init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
 

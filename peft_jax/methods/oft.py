@@ -68,7 +68,8 @@ def _nonneg_int(value, where: str) -> None:
 
 
 def skew(vec: jax.Array, block_size: int) -> jax.Array:
-    """``(rows, b(b-1)/2) -> (rows, b, b)``: upper triangle from ``vec`` (row-major), minus its transpose."""
+    """``(rows, b(b-1)/2) -> (rows, b, b)``: the strict upper triangle from ``vec`` (row-major),
+    minus its transpose."""
     rows, cols = np.triu_indices(block_size, 1)
     q = jnp.zeros((vec.shape[0], block_size, block_size), vec.dtype).at[:, rows, cols].set(vec)
     return q - jnp.swapaxes(q, -1, -2)
@@ -184,8 +185,9 @@ class OFT(Method, Mergeable):
 
     # -- math -------------------------------------------------------------------------------------
     def project(self, vec: jax.Array, block_size: int) -> jax.Array:
-        """COFT's projection (HF ``_project_batch``): ``Q_i`` scaled into the ball ``eps / sqrt(rows)``."""
-        eps = self.eps / np.sqrt(vec.shape[0])
+        """COFT's projection (HF ``_project_batch``): each ``Q_i`` scaled into the Frobenius ball of
+        radius ``eps / sqrt(rows)``."""
+        eps = float(self.eps / np.sqrt(vec.shape[0]))
         norm = jnp.linalg.norm(skew(vec, block_size), axis=(1, 2))[:, None]
         safe = jnp.where(norm > eps, norm, jnp.ones_like(norm))
         return jnp.where(norm <= eps, vec, vec * (jnp.asarray(eps, vec.dtype) / safe))

@@ -26,35 +26,26 @@ def dense_site(i, o, path="lin"):
     return LinearSite(path=path, op=dense_op(i, o), layer="Linear", has_bias=True)
 
 
+def rand(shape, seed, scale=1.0):
+    """Test data from numpy (jax.random would compile a generator for every shape)."""
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def make_base(site, seed=0):
-    return _make_base(site, seed)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _make_base(site, seed):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    kernel = jax.random.normal(k1, site.op.kernel_shape, jnp.float32) / math.sqrt(site.op.fan_in)
-    base = {"kernel": kernel}
+    base = {"kernel": rand(site.op.kernel_shape, seed, 1 / math.sqrt(site.op.fan_in))}
     if site.has_bias:
-        base["bias"] = 0.1 * jax.random.normal(k2, site.op.out_shape, jnp.float32)
+        base["bias"] = rand(site.op.out_shape, seed + 1, 0.1)
     return base
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 3))
-def _random_params(method, site, base, seed):
-    params, _ = method.init(jax.random.key(seed), site, base, {})
-    keys = jax.random.split(jax.random.key(seed + 100), len(params))
-    return {name: 0.3 * jax.random.normal(k, v.shape, v.dtype)
-            for k, (name, v) in zip(keys, sorted(params.items()))}
-
-
-def random_params(method, site, base, seed=1):
-    """``init``, then every array random (so no factor is zero and comparisons mean something)."""
-    return _random_params(method, site, base, seed)
+def random_params(method, site, base, seed=1, scale=0.3):
+    """Params of ``init``'s shapes, all random (so no factor is zero and comparisons mean something)."""
+    shapes = method.param_shapes(site)
+    return {name: rand(shape, seed + i, scale) for i, (name, shape) in enumerate(sorted(shapes.items()))}
 
 
 def inputs(site, shape=(5,), seed=2):
-    return jax.random.normal(jax.random.key(seed), (*shape, *site.op.in_shape), jnp.float32)
+    return rand((*shape, *site.op.in_shape), seed)
 
 
 def n_params(params):
@@ -142,19 +133,14 @@ OTHER_SITES = {
 
 
 def other_inputs(name, site):
-    key = jax.random.key(3)
     if name == "embed":
-        return jax.random.randint(key, (2, 5), 0, 10)
-    if name == "einsum":
-        return jax.random.normal(key, (2, 3, 12), jnp.float32)
-    if name == "conv":
-        return jax.random.normal(key, (2, 5, 5, 6), jnp.float32)
-    return jax.random.normal(key, (3, 4, 6), jnp.float32)
+        return jnp.asarray(np.random.default_rng(3).integers(0, 10, (2, 5)), jnp.int32)
+    shape = {"einsum": (2, 3, 12), "conv": (2, 5, 5, 6)}.get(name, (3, 4, 6))
+    return rand(shape, 3)
 
 
 @pytest.mark.parametrize("name", sorted(OTHER_SITES))
-@pytest.mark.parametrize("method", [LoHa(rank=3), LoKr(rank=1), LoKr(rank=4, decompose_both=True)],
-                         ids=repr)
+@pytest.mark.parametrize("method", [LoHa(rank=3), LoKr(rank=1, decompose_both=True)], ids=repr)
 def test_weight_methods_on_every_op(method, name):
     site = OTHER_SITES[name]
     base = make_base(site)
@@ -387,7 +373,8 @@ def load_into(torch, layer, params, conv_window=None):
     with torch.no_grad():
         for name, value in params.items():
             target = getattr(layer, name)["default"]
-            target.copy_(torch.from_numpy(np.ascontiguousarray(to_torch_layout(name, value, conv_window))))
+            value = np.ascontiguousarray(to_torch_layout(name, value, conv_window))
+            target.copy_(torch.from_numpy(value))
 
 
 def compare(torch, model, method, params, site, base, x_np):
@@ -428,7 +415,6 @@ LOKR_CASES = [
     (64, 48, dict(rank=8, alpha=8.0)),
     (64, 48, dict(rank=2, alpha=4.0)),
     (64, 48, dict(rank=2, alpha=4.0, decompose_both=True)),
-    (64, 48, dict(rank=16, alpha=4.0, decompose_both=True)),
     (64, 48, dict(rank=3, alpha=6.0, decompose_factor=4)),
     (64, 48, dict(rank=1, alpha=1.0, decompose_factor=8, decompose_both=True)),
     (30, 14, dict(rank=2, alpha=2.0, init_weights="lycoris")),
@@ -453,9 +439,13 @@ def test_lokr_matches_hf(i, o, kw):
     hf_names = {n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
                 if "default" in getattr(layer, n)}
     assert hf_names == set(params)
-    for name, value in params.items():  # same zero pattern as HF's init
-        assert tuple(getattr(layer, name)["default"].shape) == value.shape[::-1]
-        assert bool(jnp.all(value == 0)) == bool((getattr(layer, name)["default"] == 0).all())
+    for name, value in params.items():  # same zero pattern and Kaiming bound as HF's init
+        hf = getattr(layer, name)["default"].detach().numpy()
+        assert hf.shape == value.shape[::-1]
+        assert bool(jnp.all(value == 0)) == bool((hf == 0).all())
+        bound = 1 / math.sqrt(hf.shape[1])
+        for v in (np.asarray(value), hf):
+            assert np.abs(v).max() <= bound and (np.abs(v).max() > bound / 2 or (v == 0).all())
     params = random_params(method, site, base)
     load_into(torch, layer, params)
     compare(torch, model, method, params, site, base, np.asarray(inputs(site, (2, 3))))
@@ -518,11 +508,10 @@ def test_oft_matches_hf(i, o, kw):
     method = OFT(**kw)
     method.check(site)
     model, layer = hf_model(torch, peft, site, base, peft.OFTConfig(target_modules=["lin"], **kw))
-    params, _ = method.init(jax.random.key(0), site, base, {})
     hf_weight = layer.oft_R["default"].weight
+    params = random_params(method, site, base, scale=0.1)
     assert model.get_nb_trainable_parameters()[0] == n_params(params)
     assert tuple(hf_weight.shape) == params["oft_r"].shape
-    params = {"oft_r": 0.1 * jax.random.normal(jax.random.key(5), params["oft_r"].shape)}
     with torch.no_grad():
         hf_weight.copy_(torch.from_numpy(np.asarray(params["oft_r"])))
     compare(torch, model, method, params, site, base, np.asarray(inputs(site, (2, 3))))

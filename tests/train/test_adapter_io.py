@@ -30,7 +30,7 @@ def test_round_trip_through_trainable_state(tmp_path):
     out = io.save_adapter(tmp_path / "adapter", trainable, config)
     params, loaded_config = io.load_adapter(out)
     assert set(params) == {"layers/0/default/lora_a", "layers/0/default/lora_b",
-                           "layers/1/trained/default/kernel", "layers/1/trained/default/bias"}
+                           "layers/1/default/kernel", "layers/1/default/bias"}
     assert loaded_config["r"] == 2 and loaded_config["lora_alpha"] == 4
     assert loaded_config["target_modules"] == ["0"] and loaded_config["modules_to_save"] == ["1"]
     restored = io.restore_params(trainable, params)
