@@ -248,6 +248,8 @@ def bases(tmp_path_factory):
         with torch.no_grad():  # norms away from their neutral init, weights at a larger scale
             for p in hf.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
+            if arch == "bert":  # logits of order one, so that small adapter effects show
+                hf.classifier.weight.mul_(10.0)
         d = tmp_path_factory.mktemp(arch)
         hf.save_pretrained(d, safe_serialization=True)
         out[arch] = (hf, d)
