@@ -42,9 +42,8 @@ def _child(kind: str, steps: int, batch: int, seq: int, rank: int, remat) -> dic
 
     import jax
 
-    from reference_steps import build
-
     from peft_jax.models.decoder_config import reference_config
+    from reference_steps import build
 
     config = reference_config()
     if remat != "default":

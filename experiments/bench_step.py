@@ -32,9 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
-from reference_steps import build  # noqa: E402
-
 from peft_jax.models.decoder_config import reference_config  # noqa: E402
+from reference_steps import build  # noqa: E402
 
 
 def _cpu_seconds() -> float:

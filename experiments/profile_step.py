@@ -33,9 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
-from reference_steps import build  # noqa: E402
-
 from peft_jax.models.decoder_config import reference_config  # noqa: E402
+from reference_steps import build  # noqa: E402
 
 # An op belongs to the first label (in this order) with one of its functions anywhere in the
 # op's stack (so a LoRA matmul inside a Linear counts as "lora", the LM head as "lm_head+loss").

@@ -340,7 +340,8 @@ class Peft:
             if name is not None and adapter.name != name:
                 continue
             for s in adapter.sites:
-                _flatten(f"{s.path}/{adapter.name}", _nested_get(variables[COLLECTION], f"{s.path}/{adapter.name}"), out)
+                where = f"{s.path}/{adapter.name}"
+                _flatten(where, _nested_get(variables[COLLECTION], where), out)
             if adapter.name in variables.get(SHARED, {}):
                 _flatten(f"{adapter.name}/shared", variables[SHARED][adapter.name], out)
         return out

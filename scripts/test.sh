@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+# Lint first (seconds): ruff's rules and import order as pyproject.toml sets them.
+.venv/bin/ruff check peft_jax tests experiments
 args=(-q -p no:cacheprovider --doctest-modules peft_jax tests)
 [ "${PEFT_JAX_SKIP_SLOW:-0}" = "1" ] && args+=(-m "not slow")
 set +e

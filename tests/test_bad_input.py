@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 import peft_jax
-from peft_jax import errors
 from frontends import ADAPTABLE, HARNESSES, batch
+from peft_jax import errors
 
 
 @pytest.fixture(params=sorted(HARNESSES))

@@ -6,10 +6,10 @@ import re
 
 import numpy as np
 import pytest
+from train import tiny
 
 from peft_jax import cli, io
 from peft_jax.train.metrics import read_metrics
-from train import tiny
 
 FAST = ["--max-length", "16", "--bucket", "16", "--batch-size", "8", "--eval-batch-size", "24",
         "--log-every", "2", "--lr", "3e-3", "--rank", "2", "--alpha", "4"]

@@ -12,11 +12,11 @@ import sys
 
 import numpy as np
 import pytest
+from train import tiny
+from train.killing import kill_after_progress
 
 from peft_jax import cli, io
 from peft_jax.train.metrics import read_metrics
-from train import tiny
-from train.killing import kill_after_progress
 
 # Dropout on, so the restored RNG key matters as much as the params, optimizer state and data.
 RUN = ["--max-length", "16", "--bucket", "8", "--batch-size", "8", "--eval-batch-size", "24",

@@ -19,9 +19,9 @@ import pytest
 from jax._src import dispatch, monitoring
 
 import peft_jax
+from frontends import ADAPTABLE, HARNESSES, batch, train
 from peft_jax import errors
 from peft_jax.methods import IA3, OFT, Beft, LnTuning, LoHa, LoKr, TrainableTokens, TrainBias, Vera
-from frontends import ADAPTABLE, HARNESSES, batch, train
 
 P = peft_jax.place
 LINEARS = ["dense", "general", "einsum", "conv"]  # the adaptable layers that are not the embedding

@@ -14,9 +14,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import peft_jax
+from frontends import ADAPTABLE, HARNESSES, batch, train
 from peft_jax.core import tree_items
 from peft_jax.train.sharding import make_mesh, make_sharded_train_step, param_specs
-from frontends import ADAPTABLE, HARNESSES, batch, train
 
 CONFIGS = {
     "lora": peft_jax.LoraConfig(targets=ADAPTABLE, rank=2, alpha=4.0, modules_to_save=["head"]),

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 import peft_jax
+from frontends import ADAPTABLE, NnxNet, batch
 from peft_jax.methods import LoraConfig, OLoRA, PiSSA, column_norm, exact_column_norm
 from peft_jax.ops import ConvOp, EinsumOp, dense_op
-from frontends import ADAPTABLE, NnxNet, batch
 
 
 def _normal(seed, shape):

@@ -155,6 +155,22 @@ class Mergeable:
         raise NotImplementedError
 
 
+class AddsToKernel(Mergeable):
+    """Mixin of methods whose merged form is ``W + delta``: they define `kernel_delta` only."""
+
+    def kernel_delta(self, params: Params, shared: Params, op: LinearOp) -> jax.Array:
+        """The update laid out like the kernel (materialised only here, for merging)."""
+        raise NotImplementedError
+
+    def merge(self, params: Params, shared: Params, site: Site, base: Params) -> tuple[Params, Any]:
+        kernel = base["kernel"]
+        return {"kernel": kernel + self.kernel_delta(params, shared, site.op).astype(kernel.dtype)}, None
+
+    def unmerge(self, params: Params, shared: Params, site: Site, base: Params, record: Any) -> Params:
+        kernel = base["kernel"]
+        return {"kernel": kernel - self.kernel_delta(params, shared, site.op).astype(kernel.dtype)}
+
+
 def is_mergeable(method: Method) -> bool:
     return isinstance(method, Mergeable)
 

@@ -97,12 +97,12 @@ class Dora(Method, Mergeable):
         norm = exact_column_norm(op, kernel, params["lora_a"], params["lora_b"], scale)
         gain = (params["magnitude"].astype(jnp.float32) / norm).reshape(op.fan_out)
         full = op.kernel_to_matrix(kernel).astype(jnp.float32) + op.kernel_to_matrix(
-            self.lora.kernel_delta(params, op)).astype(jnp.float32)
+            self.lora.kernel_delta(params, shared, op)).astype(jnp.float32)
         return {"kernel": op.matrix_to_kernel(full * gain).astype(kernel.dtype)}, norm
 
     def unmerge(self, params, shared, site: LinearSite, base, record):
         op, merged = site.op, base["kernel"]
         gain = (params["magnitude"].astype(jnp.float32) / record).reshape(op.fan_out)
         full = op.kernel_to_matrix(merged).astype(jnp.float32) / gain
-        update = self.lora.kernel_delta(params, op)
+        update = self.lora.kernel_delta(params, shared, op)
         return {"kernel": (op.matrix_to_kernel(full) - update).astype(merged.dtype)}

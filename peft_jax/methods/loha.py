@@ -29,7 +29,7 @@ not torch's ``(in, *window)``); HF's ``use_effective_conv2d`` (CP) form is not i
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from peft_jax.ops import dense_op
-    >>> from peft_jax.methods.base import Context, LinearSite
+    >>> from peft_jax.methods.base import AddsToKernel, Context, LinearSite
     >>> site = LinearSite(path="q", op=dense_op(6, 4), layer="Linear", has_bias=False)
     >>> loha = LoHa(rank=2, alpha=4.0)
     >>> base = {"kernel": jnp.ones((6, 4))}
@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax import errors
-from peft_jax.methods.base import Context, LinearSite, Mergeable, Method, Params
+from peft_jax.methods.base import AddsToKernel, Context, LinearSite, Method, Params
 from peft_jax.methods.lora import check_positive, check_positive_int, check_rate
 from peft_jax.ops import LinearOp
 
@@ -95,7 +95,7 @@ def add_update(out: jax.Array, delta: jax.Array, keep: jax.Array | None) -> jax.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoHa(Method, Mergeable):
+class LoHa(Method, AddsToKernel):
     """LoHa on a linear site (HF PEFT ``LoHaConfig``).
 
     Args:
@@ -148,7 +148,7 @@ class LoHa(Method, Mergeable):
         w2 = params["hada_w2_b"] @ params["hada_w2_a"]
         return (w1 * w2) * jnp.asarray(self.scale, w1.dtype)
 
-    def delta_kernel(self, params: Params, op: LinearOp) -> jax.Array:
+    def kernel_delta(self, params: Params, shared: Params, op: LinearOp) -> jax.Array:
         """``dW`` laid out like the kernel."""
         return op.matrix_to_kernel(self.delta_matrix(params))
 
@@ -162,10 +162,3 @@ class LoHa(Method, Mergeable):
         delta = op.apply_kernel(as_compute(x, out.dtype), op.matrix_to_kernel(dw))
         return add_update(out, delta, module_keep(self.module_dropout, ctx))
 
-    def merge(self, params, shared, site: LinearSite, base):
-        kernel = base["kernel"]
-        return {"kernel": kernel + self.delta_kernel(params, site.op).astype(kernel.dtype)}, None
-
-    def unmerge(self, params, shared, site: LinearSite, base, record):
-        kernel = base["kernel"]
-        return {"kernel": kernel - self.delta_kernel(params, site.op).astype(kernel.dtype)}

@@ -34,7 +34,7 @@ probability, divided by the kept share only with ``rank_dropout_scale`` (HF's de
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from peft_jax.ops import dense_op
-    >>> from peft_jax.methods.base import Context, LinearSite
+    >>> from peft_jax.methods.base import AddsToKernel, Context, LinearSite
     >>> site = LinearSite(path="q", op=dense_op(64, 48), layer="Linear", has_bias=False)
     >>> lokr = LoKr(rank=2, alpha=4.0)
     >>> lokr.factors(site)  # ((in_m, in_n), (out_l, out_k))
@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax import errors
-from peft_jax.methods.base import Context, LinearSite, Mergeable, Method, Params
+from peft_jax.methods.base import AddsToKernel, Context, LinearSite, Method, Params
 from peft_jax.methods.loha import add_update, as_compute, kaiming_uniform, module_keep, rank_mask
 from peft_jax.methods.lora import check_positive, check_positive_int, check_rate
 from peft_jax.ops import ContractionOp, ConvOp, LinearOp
@@ -107,7 +107,7 @@ def _is_dense(op: LinearOp) -> bool:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoKr(Method, Mergeable):
+class LoKr(Method, AddsToKernel):
     """LoKr on a linear site (HF PEFT ``LoKrConfig``).
 
     Args:
@@ -220,7 +220,7 @@ class LoKr(Method, Mergeable):
         dw = jnp.einsum("ac,wbd->wabcd", w1, w2)
         return dw.reshape(op.fan_in, op.fan_out)
 
-    def delta_kernel(self, params: Params, op: LinearOp) -> jax.Array:
+    def kernel_delta(self, params: Params, shared: Params, op: LinearOp) -> jax.Array:
         """``dW`` laid out like the kernel (merge, and the path of non-Dense ops)."""
         return op.matrix_to_kernel(self.delta_matrix(params, op))
 
@@ -250,10 +250,3 @@ class LoKr(Method, Mergeable):
             delta = op.apply_kernel(as_compute(x, out.dtype), op.matrix_to_kernel(dw))
         return add_update(out, delta, module_keep(self.module_dropout, ctx))
 
-    def merge(self, params, shared, site: LinearSite, base):
-        kernel = base["kernel"]
-        return {"kernel": kernel + self.delta_kernel(params, site.op).astype(kernel.dtype)}, None
-
-    def unmerge(self, params, shared, site: LinearSite, base, record):
-        kernel = base["kernel"]
-        return {"kernel": kernel - self.delta_kernel(params, site.op).astype(kernel.dtype)}

@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax import errors
-from peft_jax.methods.base import Context, LinearSite, Mergeable, Method, Params
+from peft_jax.methods.base import AddsToKernel, Context, LinearSite, Method, Params
 from peft_jax.methods.initializers import KaimingUniform
 from peft_jax.ops import LinearOp
+
 
 def check_positive_int(value: Any, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -76,7 +77,7 @@ def warn_rank_above(site: LinearSite, rank: int, what: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Lora(Method, Mergeable):
+class Lora(Method, AddsToKernel):
     """LoRA on a linear site.
 
     Args:
@@ -139,13 +140,12 @@ class Lora(Method, Mergeable):
         a, b = params["lora_a"].astype(query.dtype), params["lora_b"].astype(query.dtype)
         return out + site.op.attend_low_rank(query, a, b) * jnp.asarray(self.scale, query.dtype)
 
-    def kernel_delta(self, params: Params, op: LinearOp) -> jax.Array:
+    def kernel_delta(self, params: Params, shared: Params, op: LinearOp) -> jax.Array:
         """``scale * A @ B`` laid out like the kernel (merge only)."""
         return self.scale * op.factors_to_kernel(params["lora_a"], params["lora_b"])
 
     def merge(self, params, shared, site: LinearSite, base):
-        kernel = base["kernel"]
-        new = {"kernel": kernel + self.kernel_delta(params, site.op).astype(kernel.dtype)}
+        new, _ = super().merge(params, shared, site, base)
         if "lora_bias" in params:
             if "bias" not in base:
                 raise errors.NotMergeableError(
@@ -154,8 +154,7 @@ class Lora(Method, Mergeable):
         return new, None
 
     def unmerge(self, params, shared, site: LinearSite, base, record):
-        kernel = base["kernel"]
-        new = {"kernel": kernel - self.kernel_delta(params, site.op).astype(kernel.dtype)}
+        new = super().unmerge(params, shared, site, base, record)
         if "lora_bias" in params:
             new["bias"] = base["bias"] - (self.scale * params["lora_bias"]).astype(base["bias"].dtype)
         return new

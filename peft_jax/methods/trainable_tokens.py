@@ -39,7 +39,6 @@ import dataclasses
 import numbers
 from typing import ClassVar
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

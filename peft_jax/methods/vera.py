@@ -27,7 +27,7 @@ that when adapters share them); smaller ones raise `InvalidConfigError` (`Vera.c
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from peft_jax.ops import dense_op
-    >>> from peft_jax.methods.base import Context, LinearSite
+    >>> from peft_jax.methods.base import AddsToKernel, Context, LinearSite
     >>> sites = [LinearSite(path=p, op=dense_op(4, n), layer="Linear", has_bias=False)
     ...          for p, n in (("q", 3), ("v", 6))]
     >>> vera = Vera(rank=2)
@@ -54,13 +54,13 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax import errors
-from peft_jax.methods.base import Context, LinearSite, Mergeable, Method, Params
+from peft_jax.methods.base import AddsToKernel, Context, LinearSite, Method, Params
 from peft_jax.methods.lora import check_positive_int, check_rate, input_dropout
 from peft_jax.ops import LinearOp
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Vera(Method, Mergeable):
+class Vera(Method, AddsToKernel):
     """VeRA on a linear site.
 
     Args:
@@ -166,19 +166,14 @@ class Vera(Method, Mergeable):
              * params["vera_lambda_b"].astype(dtype).reshape(1, op.fan_out)).reshape(b.shape)
         return a, b
 
-    def kernel_delta(self, params: Params, shared: Params, op: LinearOp, dtype) -> jax.Array:
+    def kernel_delta(self, params: Params, shared: Params, op: LinearOp) -> jax.Array:
         """The ``(A diag(lambda_d)) (B diag(lambda_b))`` update laid out like the kernel (merge only)."""
         a, b = self._scaled_factors(params, shared, op, jnp.float32)
-        return op.factors_to_kernel(a, b).astype(dtype)
+        return op.factors_to_kernel(a, b)
 
     def merge(self, params, shared, site: LinearSite, base):
         self.check_shared(shared, site)
-        kernel = base["kernel"]
-        return {"kernel": kernel + self.kernel_delta(params, shared, site.op, kernel.dtype)}, None
-
-    def unmerge(self, params, shared, site: LinearSite, base, record):
-        kernel = base["kernel"]
-        return {"kernel": kernel - self.kernel_delta(params, shared, site.op, kernel.dtype)}
+        return super().merge(params, shared, site, base)
 
 
 def _kaiming_uniform(key, shape, fan: int, dtype) -> jax.Array:

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import functools
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from tokenizers import processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from peft_jax.errors import CheckpointError, InvalidConfigError
 from peft_jax.models.gguf import GGUFTokenizerInfo

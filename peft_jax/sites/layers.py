@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from peft_jax import errors
 from peft_jax.methods.base import LinearSite, ModuleSite, Site
-from peft_jax.ops import ConvOp, ContractionOp, EinsumOp, LinearOp
+from peft_jax.ops import ContractionOp, ConvOp, EinsumOp, LinearOp
 
 
 def hashable(value: Any) -> Any:

@@ -3,8 +3,7 @@
 The `peft-jax train` recipe itself lives in `peft_jax.train.recipe` (``run(TrainSettings(...))``).
 """
 
-from peft_jax.train.checkpoint import (Checkpointer, TrainingState, restore_training_state,
-                                       save_training_state)
+from peft_jax.train.checkpoint import Checkpointer, TrainingState, restore_training_state, save_training_state
 from peft_jax.train.cost import compiled_flops
 from peft_jax.train.fit import FitResult, fit
 from peft_jax.train.losses import causal_lm_loss
@@ -12,8 +11,7 @@ from peft_jax.train.metrics import MetricsLog, plot_metrics, read_metrics
 from peft_jax.train.pmap import make_pmap_train_step, replicate, shard_batch, unreplicate
 from peft_jax.train.precision import Precision, cast_floating
 from peft_jax.train.settings import TrainSettings
-from peft_jax.train.sharding import (DECODER_RULES, ENCODER_RULES, ShardedStep, make_mesh,
-                                     make_sharded_train_step)
+from peft_jax.train.sharding import DECODER_RULES, ENCODER_RULES, ShardedStep, make_mesh, make_sharded_train_step
 from peft_jax.train.step import StepOptions, StepState, make_train_step
 
 __all__ = ["causal_lm_loss", "compiled_flops", "make_train_step"]

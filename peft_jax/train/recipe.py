@@ -39,8 +39,8 @@ from flax import nnx
 
 from peft_jax import data, errors, io, models
 from peft_jax import nnx as peft_nnx
-from peft_jax.methods import LoraConfig
 from peft_jax.core.paths import tree_items
+from peft_jax.methods import LoraConfig
 from peft_jax.train.baselines import baselines
 from peft_jax.train.buckets import LengthBucketedBatches
 from peft_jax.train.checkpoint import Checkpointer, restore_training_state
@@ -57,8 +57,7 @@ from peft_jax.train.metrics import MetricsLog, plot_metrics, read_metrics
 from peft_jax.train.parts import split_model
 from peft_jax.train.prefix_cache import PrefixForward, cache_prefix, frozen_depth
 from peft_jax.train.settings import TrainSettings
-from peft_jax.train.sharding import (ENCODER_RULES, batch_ways, make_mesh,
-                                     make_sharded_train_step)
+from peft_jax.train.sharding import ENCODER_RULES, batch_ways, make_mesh, make_sharded_train_step
 from peft_jax.train.step import make_train_step
 
 __all__ = ["Prepared", "prepare", "run"]

@@ -37,13 +37,13 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from peft_jax import errors
 from peft_jax.core import Rules, map_with_path, tree_items

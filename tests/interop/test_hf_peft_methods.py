@@ -35,6 +35,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
     # HF BEFT warns on bias-free layers (Llama's v_proj), which are exactly BEFT's use case.
     pytest.mark.filterwarnings("ignore:Detected that the base layer has no bias term:UserWarning"),
+    # HF LN tuning looks for in/out features on the norms it wraps, finds none and warns.
+    pytest.mark.filterwarnings("ignore:Unsupported layer type '<class '[^']*Norm'>':UserWarning"),
 ]
 
 TOL = 1e-4
@@ -45,6 +47,10 @@ LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_
 BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=37, max_position_embeddings=64, type_vocab_size=2, num_labels=3)
 NOISE = 0.2
+
+
+def _is_llama(arch: str) -> bool:
+    return arch.startswith("llama")  # "llama", or "llama_tied" (its lm_head is embed_tokens)
 
 
 def _tokens_in_batch(arch):
@@ -132,6 +138,14 @@ def _cases():
                      lambda: peft_jax.place(["word_embeddings"],
                                             peft_jax.TrainableTokens(indices=bert_tok)), 1),
         },
+        # Tied head: HF ties a TrainableTokensLayer on lm_head to the embedding's; ours reads the
+        # replaced rows through the embedding's attend.
+        "trainable_tokens_tied": {
+            "llama_tied": (lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
+                                                              token_indices=list(llama_tok)),
+                           lambda: peft_jax.place(["embed_tokens"],
+                                                  peft_jax.TrainableTokens(indices=llama_tok)), 2),
+        },
         "beft": {
             "llama": (lambda: peft.BeftConfig(target_modules=["v_proj"]),
                       lambda: peft_jax.place(["v_proj"], peft_jax.Beft()), 2),
@@ -145,7 +159,7 @@ def _cases():
 def _ours_path(arch: str, hf_name: str) -> str:
     """HF PEFT module name -> our module path (see decoder.py / encoder.py)."""
     name = hf_name.removeprefix("base_model.model.")
-    if arch == "llama":  # LlamaForCausalLM.model.layers... -> Decoder.layers...
+    if _is_llama(arch):  # LlamaForCausalLM.model.layers... -> Decoder.layers...
         name = name.removeprefix("model.")
     return name.replace(".", "/")  # BertForSequenceClassification.bert... -> .bert/...
 
@@ -190,12 +204,14 @@ def _to_ours(name: str, t: "torch.Tensor") -> np.ndarray:
 
 
 def _randomise(peft_model, seed):
-    """Every trainable HF param moved off its init: ``p += NOISE * randn``."""
+    """Every trainable HF param moved off its init: ``p += NOISE * randn``. VeRA's per-feature
+    scales get unit noise (their effect through the fixed random projections is small otherwise)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in sorted(peft_model.named_parameters()):
+        for name, p in sorted(peft_model.named_parameters()):
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * NOISE)
+                scale = 1.0 if "vera_lambda" in name else NOISE
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def _batch(arch: str):
@@ -203,7 +219,7 @@ def _batch(arch: str):
     t = 10
     ids = rng.integers(3, VOCAB, size=(3, t))
     mask = np.ones((3, t), np.int64)
-    if arch == "llama":  # left padding, as generation uses
+    if _is_llama(arch):  # left padding, as generation uses
         mask[1, :3] = 0
         mask[2, :6] = 0
     else:  # right padding
@@ -217,7 +233,7 @@ def _batch(arch: str):
 def _hf_logits(arch, model, batch) -> np.ndarray:
     ids, mask, types = batch
     kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
-    if arch == "llama":
+    if _is_llama(arch):
         kw["position_ids"] = torch.tensor(np.clip(mask.cumsum(1) - 1, 0, None))
     else:
         kw["token_type_ids"] = torch.tensor(types)
@@ -227,13 +243,13 @@ def _hf_logits(arch, model, batch) -> np.ndarray:
 
 def _our_logits(arch, model, batch) -> np.ndarray:
     ids, mask, types = (jnp.asarray(a, jnp.int32) for a in batch)
-    if arch == "llama":
+    if _is_llama(arch):
         return np.asarray(nnx.jit(lambda m, i, a: m(i, attention_mask=a))(model, ids, mask))
     return np.asarray(nnx.jit(lambda m, i, a, t: m(i, a, t))(model, ids, mask, types))
 
 
 def _real(arch, logits, batch):
-    return logits[batch[1] == 1] if arch == "llama" else logits  # padded positions carry no meaning
+    return logits[batch[1] == 1] if _is_llama(arch) else logits  # padded positions carry no meaning
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +259,8 @@ def bases(tmp_path_factory):
     torch.manual_seed(0)
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA))
     bert = transformers.BertForSequenceClassification(transformers.BertConfig(**BERT))
-    for arch, hf in (("llama", llama), ("bert", bert)):
+    tied = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, "tie_word_embeddings": True}))
+    for arch, hf in (("llama", llama), ("bert", bert), ("llama_tied", tied)):
         hf.eval()
         with torch.no_grad():  # norms away from their neutral init, weights at a larger scale
             for p in hf.parameters():
@@ -257,7 +274,7 @@ def bases(tmp_path_factory):
 
 
 def _load_ours(arch, d):
-    if arch == "llama":
+    if _is_llama(arch):
         return load_decoder(d)[0]
     return load_encoder(d, "float32", num_labels=BERT["num_labels"], pooling="pooler")
 
@@ -266,6 +283,8 @@ def _hf_values(arch, hf) -> dict[str, np.ndarray]:
     """All of HF's adapter values as a canonical flat dict of ours."""
     values = {}
     for hf_name, layer in _hf_tuner_layers(hf).items():
+        if getattr(layer, "tied_adapter", None) is not None:
+            continue  # HF's lm_head layer tied to the embedding's: no params of its own
         path = _ours_path(arch, hf_name)
         for key, t in _hf_adapter_tensors(layer).items():
             values[f"{path}/default/{key}"] = _to_ours(key, t)
@@ -287,7 +306,10 @@ def _hf_values(arch, hf) -> dict[str, np.ndarray]:
 def _case_params():
     for case, per_arch in _cases().items():
         for arch in per_arch:
-            yield pytest.param(arch, case, id=f"{arch}-{case}")
+            marks = ()
+            if case == "trainable_tokens_tied":  # HF warns on a tied layer, though it ties this one
+                marks = pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning")
+            yield pytest.param(arch, case, id=f"{arch}-{case}", marks=marks)
 
 
 @pytest.mark.parametrize("arch,case", list(_case_params()))

@@ -8,11 +8,10 @@ merged == unmerged outputs, that unmerge restores the arrays, that each method s
 and every typed error the methods raise.
 """
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from peft_jax import errors
 from peft_jax.methods.base import Context, LinearSite, ModuleSite

@@ -186,13 +186,13 @@ def test_lokr_thin_path_equals_materialised(method):
     params = random_params(method, site, base)
     x = inputs(site, (2, 3))
     thin = method.kron_apply(params, x, jnp.float32)
-    full = site.op.apply_kernel(x, method.delta_kernel(params, site.op))
+    full = site.op.apply_kernel(x, method.kernel_delta(params, {}, site.op))
     close(thin, full)
     close(method.delta_matrix(params, site.op), jnp.kron(*method._w1_w2(params)))
 
     def loss(p, thin_path):
         d = (method.kron_apply(p, x, jnp.float32) if thin_path
-             else site.op.apply_kernel(x, method.delta_kernel(p, site.op)))
+             else site.op.apply_kernel(x, method.kernel_delta(p, {}, site.op)))
         return jnp.sum(jnp.sin(d))
 
     g_thin, g_full = jax.grad(loss)(params, True), jax.grad(loss)(params, False)

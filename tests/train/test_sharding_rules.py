@@ -16,8 +16,7 @@ from peft_jax.models.decoder import Decoder
 from peft_jax.models.decoder_config import DecoderConfig
 from peft_jax.models.encoder import EncoderConfig, EncoderForSequenceClassification
 from peft_jax.train.pmap import make_pmap_train_step, replicate, shard_batch, unreplicate
-from peft_jax.train.sharding import (ENCODER_RULES, make_mesh, make_sharded_train_step,
-                                     param_specs)
+from peft_jax.train.sharding import ENCODER_RULES, make_mesh, make_sharded_train_step, param_specs
 
 
 def test_make_mesh_axes_and_fill():
