@@ -3,14 +3,17 @@
 Methods: IA3, VeRA, LoHa, LoKr, OFT, LayerNorm tuning, trainable tokens and BEFT. Each case wraps
 an HF model with ``peft.get_peft_model`` and attaches the same method to our NNX model loaded from
 the same base checkpoint. Every HF adapter tensor is first moved off its init by random noise
-(``p += 0.2 * randn``, so zero factors such as VeRA's ``lambda_b``, LoHa's ``w2_b``, LoKr's ``w1``,
-OFT's skew vector and BEFT's bias become non-zero, and IA3's ones / the norms' copies move away
-from the base), then copied into ours in our layout (VeRA's shared ``vera_A`` / ``vera_B`` too).
+(``p += 0.2 * randn``; unit noise for VeRA's lambdas), so zero factors such as VeRA's
+``lambda_b``, LoHa's ``w2_b``, LoKr's ``w1``, OFT's skew vector and BEFT's bias become non-zero,
+and IA3's ones and the norms' copies move away from the base; then every tensor is copied into
+ours in our layout (VeRA's shared ``vera_A`` / ``vera_B`` too).
 Then the logits of a padded batch must agree to 1e-4 (fp32) and differ clearly from the HF model
 with its adapter disabled (a no-op adapter cannot pass). Trainable parameter counts must equal
 HF's ``get_nb_trainable_parameters()[0]``: like with like, HF with ``task_type=None`` (no head in
 ``modules_to_save``), except the ``ia3_seqcls`` case, where HF's ``SEQ_CLS`` head copy is matched
-by our `ModulesToSave` on ``classifier``.
+by our `ModulesToSave` on ``classifier``. ``trainable_tokens_tied`` runs a Llama with
+``tie_word_embeddings=True``: HF ties a second TrainableTokensLayer on ``lm_head`` to the
+embedding's, ours reads the replaced rows through the embedding's ``attend``.
 """
 
 import copy
