@@ -91,6 +91,8 @@ class Method:
     sites: ClassVar[tuple[str, ...]] = ("linear",)
     #: base leaves (of the site's own params) this method trains in place, e.g. ``("bias",)``.
     trains_base: ClassVar[tuple[str, ...]] = ()
+    #: whether the math holds on grouped convolutions (``feature_group_count > 1``).
+    grouped_conv: ClassVar[bool] = False
 
     # -- before anything is built ------------------------------------------------------------
     def check(self, site: Site) -> None:
@@ -99,6 +101,10 @@ class Method:
             raise errors.UnsupportedLayerError(
                 f"{type(self).__name__} cannot be attached to {site.path!r} ({site.layer}): it "
                 f"needs a {' or '.join(self.sites)} site; narrow its targets")
+        if getattr(site.op, "groups", 1) > 1 and not self.grouped_conv:
+            raise errors.UnsupportedLayerError(
+                f"{type(self).__name__} cannot adapt the grouped convolution {site.path!r} "
+                f"({site.layer}, feature_group_count={site.op.groups}); LoRA, LoHa, LoKr and BEFT can")
 
     @property
     def needs_rng(self) -> bool:

@@ -64,6 +64,7 @@ class Beft(Method, Mergeable):
     """BEFT on a linear site: a zero-initialised trainable output bias ``beft_bias``."""
 
     name: ClassVar[str] = "beft"
+    grouped_conv: ClassVar[bool] = True
 
     def init(self, key, site: LinearSite, base: Params, shared: Params):
         return {"beft_bias": jnp.zeros(site.op.out_shape, base["kernel"].dtype)}, {}

@@ -65,6 +65,7 @@ class Dora(Method, Mergeable):
         return self.lora.needs_rng
 
     def check(self, site) -> None:
+        super().check(site)
         self.lora.check(site)
 
     def init(self, key, site: LinearSite, base: Params, shared: Params):

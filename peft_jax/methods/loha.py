@@ -107,6 +107,7 @@ class LoHa(Method, AddsToKernel):
     """
 
     name: ClassVar[str] = "loha"
+    grouped_conv: ClassVar[bool] = True
     rank: int = 8
     alpha: float = 8.0
     rank_dropout: float = 0.0

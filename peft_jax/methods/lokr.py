@@ -123,6 +123,7 @@ class LoKr(Method, AddsToKernel):
     """
 
     name: ClassVar[str] = "lokr"
+    grouped_conv: ClassVar[bool] = True
     rank: int = 8
     alpha: float = 8.0
     decompose_both: bool = False

@@ -90,6 +90,7 @@ class Lora(Method, AddsToKernel):
     """
 
     name: ClassVar[str] = "lora"
+    grouped_conv: ClassVar[bool] = True
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
@@ -115,6 +116,17 @@ class Lora(Method, AddsToKernel):
 
     def check(self, site) -> None:
         super().check(site)
+        groups = getattr(site.op, "groups", 1)
+        if groups > 1:
+            if self.rank % groups:
+                raise errors.InvalidConfigError(
+                    f"LoRA rank {self.rank} on the grouped convolution {site.path!r} "
+                    f"(feature_group_count={groups}) must be a multiple of the group count (as in HF "
+                    "PEFT); choose another rank or leave the layer out")
+            if type(self.init_weights).__name__ in ("PiSSA", "OLoRA"):
+                raise errors.InvalidConfigError(
+                    f"{type(self.init_weights).__name__} init needs the kernel as one matrix, which the "
+                    f"grouped convolution {site.path!r} is not; use the default init there")
         warn_rank_above(site, self.rank, "LoRA")
 
     def init(self, key, site: LinearSite, base: Params, shared: Params):
@@ -145,6 +157,10 @@ class Lora(Method, AddsToKernel):
         return self.scale * op.factors_to_kernel(params["lora_a"], params["lora_b"])
 
     def merge(self, params, shared, site: LinearSite, base):
+        if getattr(site.op, "groups", 1) > 1:
+            raise errors.NotMergeableError(
+                f"LoRA on the grouped convolution {site.path!r} cannot merge (nor in HF PEFT): its "
+                "update is a full conv followed by a grouped 1x1 conv, not a grouped kernel")
         new, _ = super().merge(params, shared, site, base)
         if "lora_bias" in params:
             if "bias" not in base:

@@ -26,10 +26,10 @@ def conv_op(kernel_shape: tuple[int, ...], *, kernel_size: Any, feature_group_co
             strides: Any = 1, padding: Any = "SAME", input_dilation: Any = 1,
             kernel_dilation: Any = 1, precision: Any = None) -> ConvOp:
     """The op of a convolution with kernel ``(*window, in, out)``."""
-    if feature_group_count != 1 or mask is not None:
-        raise errors.UnsupportedLayerError(
-            "grouped or masked convolutions (feature_group_count != 1, mask) cannot be adapted")
+    if mask is not None:
+        raise errors.UnsupportedLayerError("masked convolutions (mask=...) cannot be adapted")
     return ConvOp(in_shape=tuple(kernel_shape[:-1]), out_shape=tuple(kernel_shape[-1:]),
+                  feature_group_count=int(feature_group_count),
                   kernel_size=hashable(kernel_size), strides=hashable(strides),
                   padding=hashable(padding), input_dilation=hashable(input_dilation),
                   kernel_dilation=hashable(kernel_dilation), precision=precision)
@@ -55,7 +55,7 @@ def describe(path: str, kind: str, *, op_of: Callable[[], LinearOp | None], laye
              has_bias: bool, param_shapes: Callable[[], dict]) -> Site | None:
     """The site of one layer for ``kind`` (``None`` when the layer is not that kind of site).
 
-    ``op_of`` may raise `UnsupportedLayerError` (e.g. a grouped conv); the message gains the path.
+    ``op_of`` may raise `UnsupportedLayerError` (e.g. a masked conv); the message gains the path.
     """
     if kind == "linear":
         try:
