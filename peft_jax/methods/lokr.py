@@ -60,8 +60,8 @@ import jax.numpy as jnp
 
 from peft_jax import errors
 from peft_jax.methods.base import AddsToKernel, Context, LinearSite, Method, Params
-from peft_jax.methods.loha import add_update, as_compute, kaiming_uniform, module_keep, rank_mask
-from peft_jax.methods.lora import check_positive, check_positive_int, check_rate
+from peft_jax.methods.lora import check_positive_int
+from peft_jax.methods.lycoris import Lycoris, add_update, as_compute, kaiming_uniform, module_keep, rank_mask
 from peft_jax.ops import ContractionOp, ConvOp, LinearOp
 
 
@@ -107,7 +107,7 @@ def _is_dense(op: LinearOp) -> bool:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoKr(Method, AddsToKernel):
+class LoKr(Lycoris, Method, AddsToKernel):
     """LoKr on a linear site (HF PEFT ``LoKrConfig``).
 
     Args:
@@ -134,24 +134,13 @@ class LoKr(Method, AddsToKernel):
     init_weights: bool | str = True
 
     def __post_init__(self) -> None:
-        check_positive_int(self.rank, "LoKr rank")
-        check_positive(self.alpha, "LoKr alpha")
-        check_rate(self.rank_dropout, "LoKr rank_dropout")
-        check_rate(self.module_dropout, "LoKr module_dropout")
+        self.check_common("LoKr")
         if self.decompose_factor != -1:
             check_positive_int(self.decompose_factor, "LoKr decompose_factor (or -1)")
         init = self.init_weights
         if not isinstance(init, (bool, str)) or init not in (True, False, "lycoris"):
             raise errors.InvalidConfigError(
                 f"LoKr init_weights must be True, False or 'lycoris', got {self.init_weights!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def needs_rng(self) -> bool:
-        return self.rank_dropout > 0 or self.module_dropout > 0
 
     # -- geometry ---------------------------------------------------------------------------------
     def factors(self, site: LinearSite) -> tuple[tuple[int, int], tuple[int, int]]:
