@@ -295,6 +295,16 @@ class Peft:
                     by_method[key] = by_method.get(key, 0) + n
         return ParamSummary(trainable=t, total=t + count_params(frozen.get("params", {})), by_method=by_method)
 
+    def regularizer(self, variables: dict) -> jax.Array:
+        """The sum of the methods' loss terms (`Method.regularizer`); ``0.0`` when none has one."""
+        total = jnp.zeros((), jnp.float32)
+        for s, entries in self._sites(variables):
+            for method, params, shared, _ in entries:
+                term = method.regularizer(params, shared, s.site)
+                if term is not None:
+                    total = total + term.astype(jnp.float32)
+        return total
+
     # -- merging ----------------------------------------------------------------------------------
     def merge(self, variables: dict, *, keep_original: bool = True) -> dict:
         """Variables whose params have every adapter folded in; `apply` then skips the adapters.

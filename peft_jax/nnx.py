@@ -449,6 +449,19 @@ def summary(model: nnx.Module) -> ParamSummary:
     return ParamSummary(trainable=trainable, total=trainable + frozen, by_method=by_method)
 
 
+def regularizer(model: nnx.Module) -> jax.Array:
+    """The sum of the live methods' loss terms (`Method.regularizer`, e.g. AdaLoRA's
+    orthogonality); ``0.0`` when none has one. Add it to the loss inside ``model_loss``."""
+    total = jnp.zeros((), jnp.float32)
+    for _, layer in adapted_layers(model):
+        for slot in layer._live():
+            for method, params, shared, _ in slot.entries():
+                term = method.regularizer(params, shared, layer.site)
+                if term is not None:
+                    total = total + term.astype(jnp.float32)
+    return total
+
+
 def _noisy(model: nnx.Module) -> list[AdapterSlot]:
     return [s for _, layer in adapted_layers(model) for s in layer._live()
             if s.rngs is not None and not s.deterministic]

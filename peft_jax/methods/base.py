@@ -17,7 +17,13 @@ Sites (a small closed set, each front-end implements them once):
 * ``"module"``: any module, whose params the method may replace (LayerNorm tuning,
   ``modules_to_save``) or train in place (BitFit).
 
-Module-output, input and attention sites come with the bottleneck-adapter and prompt methods.
+* ``"inputs"`` (`InputSite`, designed here, built with the prompt methods): the model's input
+  embeddings and attention mask, HF's ``inputs_embeds=`` / ``attention_mask=``; a method returns
+  ``call([P; e], [1; m])``.
+* ``"attention"`` (`AttentionSite`, likewise): an attention tap's ``(q, k, v, mask)``; prefix
+  tuning returns ``call(q, [Pk; k], [Pv; v], [1; m])``.
+
+Bottleneck adapters are module sites whose method returns ``h + f(h)`` around ``call``.
 
 Example:
     >>> import jax.numpy as jnp
@@ -65,7 +71,29 @@ class ModuleSite:
     kind: ClassVar[str] = "module"
 
 
-Site = LinearSite | ModuleSite
+@dataclasses.dataclass(frozen=True)
+class InputSite:
+    """The model's inputs: ``call(inputs_embeds, attention_mask)``; ``features`` is the width."""
+
+    path: str
+    layer: str
+    features: int
+    kind: ClassVar[str] = "inputs"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSite:
+    """An attention tap: ``call(q, k, v, mask)`` with ``(batch, seq, heads, head_dim)`` layouts."""
+
+    path: str
+    layer: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    kind: ClassVar[str] = "attention"
+
+
+Site = LinearSite | ModuleSite | InputSite | AttentionSite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +129,7 @@ class Method:
             raise errors.UnsupportedLayerError(
                 f"{type(self).__name__} cannot be attached to {site.path!r} ({site.layer}): it "
                 f"needs a {' or '.join(self.sites)} site; narrow its targets")
-        if getattr(site.op, "groups", 1) > 1 and not self.grouped_conv:
+        if getattr(getattr(site, "op", None), "groups", 1) > 1 and not self.grouped_conv:
             raise errors.UnsupportedLayerError(
                 f"{type(self).__name__} cannot adapt the grouped convolution {site.path!r} "
                 f"({site.layer}, feature_group_count={site.op.groups}); LoRA, LoHa, LoKr and BEFT can")
