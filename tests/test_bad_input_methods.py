@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import peft_jax
-from peft_jax import errors
 from frontends import HARNESSES
+from peft_jax import errors
 
 P = peft_jax.place
 

@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 import peft_jax
-from peft_jax.methods import Mergeable, Method
 from frontends import HARNESSES, batch
+from peft_jax.methods import Mergeable, Method
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
