@@ -70,7 +70,7 @@ def test_adapter_files(trained):
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4
     assert config["modules_to_save"] == ["classifier"]
     assert any(k.endswith("attention/self/query/default/lora_a") for k in params)
-    assert "classifier/trained/default/kernel" in params
+    assert "classifier/default/kernel" in params
     results = json.loads((trained / "results.json").read_text())
     assert sum(v.size for v in params.values()) == results["trainable_params"]
     b = [v for k, v in params.items() if k.endswith("lora_b")]

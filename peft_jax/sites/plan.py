@@ -9,7 +9,7 @@ Example:
     >>> from peft_jax.methods.base import LinearSite
     >>> from peft_jax.ops import dense_op
     >>> site = LinearSite(path="q", op=dense_op(4, 4), layer="Linear", has_bias=True)
-    >>> plan = plan_adapter("default", LoraConfig(targets=["q"], bias="lora_only"),
+    >>> plan = plan_adapter("default", LoraConfig(targets=["q"], rank=2, bias="lora_only"),
     ...                     ["q", "k"], lambda path, kind: site if path == "q" else None)
     >>> [(s.path, [m.name for m in s.methods]) for s in plan.sites]
     [('q', ['lora', 'bias'])]
