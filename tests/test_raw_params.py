@@ -20,7 +20,7 @@ from flax import nnx
 import peft_jax
 from peft_jax import errors
 from peft_jax.methods import Context, Gaussian, Lora, LoraConfig, ModuleSite, PiSSA, compose
-from peft_jax.methods.raw_params import RawParamLora, RawParams, target_parameters
+from peft_jax.methods.raw_params import RawParamLora, target_parameters
 
 E, D, F, T = 4, 8, 12, 6  # experts, model width, expert width, tokens
 RANK, ALPHA = 2, 4.0
@@ -110,7 +110,7 @@ def mse(out, target):
 
 
 def config():
-    return RawParams(targets=TARGETS, rank=RANK, alpha=ALPHA)
+    return peft_jax.LoraConfig(target_parameters=TARGETS, rank=RANK, alpha=ALPHA)
 
 
 # --- one harness per front-end --------------------------------------------------------------------
@@ -321,7 +321,7 @@ def test_target_parameters_names():
     with pytest.raises(errors.InvalidConfigError, match="owner module"):
         target_parameters(["w_up"], lora)
     with pytest.raises(errors.InvalidConfigError, match="PiSSA"):
-        RawParams(targets=TARGETS, init=PiSSA())
+        peft_jax.LoraConfig(target_parameters=TARGETS, init=PiSSA())
     with pytest.raises(errors.InvalidConfigError, match="lora_bias"):
         RawParamLora(param="w", lora=Lora(lora_bias=True))
 
@@ -349,18 +349,18 @@ def test_dropout_on_the_low_rank_path_and_gaussian_init():
 @pytest.mark.parametrize("fe", FRONTENDS)
 def test_missing_param(fe):
     with pytest.raises(errors.InvalidConfigError, match=r"'w_gate'.*'experts'.*w_down, w_up"):
-        FRONTENDS[fe]("einsum", RawParams(targets=["experts/w_gate"]))
+        FRONTENDS[fe]("einsum", peft_jax.LoraConfig(target_parameters=["experts/w_gate"]))
 
 
 @pytest.mark.parametrize("fe", FRONTENDS)
 def test_one_dim_param(fe):
     with pytest.raises(errors.InvalidConfigError, match=r"'bias'.*at least 2 dims"):
-        FRONTENDS[fe]("einsum", RawParams(targets=["router/bias"]))
+        FRONTENDS[fe]("einsum", peft_jax.LoraConfig(target_parameters=["router/bias"]))
 
 
 @pytest.mark.parametrize("fe", FRONTENDS)
 def test_spec_breaking_the_layout(fe):
-    h = FRONTENDS[fe]("bad_spec", RawParams(targets=["experts/w_down"]))
+    h = FRONTENDS[fe]("bad_spec", peft_jax.LoraConfig(target_parameters=["experts/w_down"]))
     with pytest.raises(errors.UnsupportedLayerError, match=r"w_down.*etd,efd->etf"):
         h(batch()["x"])
 

@@ -23,19 +23,20 @@ from peft_jax.methods.lokr import LoKr
 from peft_jax.methods.lora import Lora
 from peft_jax.methods.loraplus import lora_b_labels, loraplus
 from peft_jax.methods.oft import OFT
+from peft_jax.methods.raw_params import RawParamLora, target_parameters
 from peft_jax.methods.selection import LnTuning, ModulesToSave, TrainBias, TrainCopy
 from peft_jax.methods.trainable_tokens import TrainableTokens
 from peft_jax.methods.vera import Vera
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Lora, Dora, IA3, Vera, LoHa, LoKr, OFT, Beft, TrainBias, LnTuning,
-                              ModulesToSave, TrainableTokens)
+                              ModulesToSave, TrainableTokens, RawParamLora)
 }
 
 __all__ = [
     "Beft", "Composed", "Context", "Dora", "Gaussian", "IA3", "IA3Config", "KaimingUniform",
     "LinearSite", "LnTuning", "LoHa", "LoKr", "Lora", "LoraConfig", "METHODS", "Mergeable",
-    "Method", "ModuleSite", "ModulesToSave", "OFT", "OLoRA", "PiSSA", "Placement", "Site",
+    "Method", "ModuleSite", "ModulesToSave", "OFT", "OLoRA", "PiSSA", "Placement", "RawParamLora", "Site",
     "TrainBias", "TrainCopy", "TrainableTokens", "Vera", "column_norm", "compose",
-    "exact_column_norm", "is_mergeable", "lora_b_labels", "loraplus", "place",
+    "exact_column_norm", "is_mergeable", "lora_b_labels", "loraplus", "place", "target_parameters",
 ]

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from peft_jax import errors
 from peft_jax.core.select import Rules, Selector, compile_selector
@@ -109,9 +109,11 @@ class LoraConfig:
         bias: which existing biases train (`TrainBias`): ``"none"``, ``"all"``, or
             ``"lora_only"`` (those of adapted layers), as in HF PEFT.
         modules_to_save: modules trained fully as copies (`ModulesToSave`), e.g. a head.
+        target_parameters: raw params that are not layers, e.g. MoE experts
+            ``["experts/w_up"]`` (HF PEFT ``target_parameters``; see `RawParamLora`).
     """
 
-    targets: Selector
+    targets: Selector = None
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
@@ -123,10 +125,20 @@ class LoraConfig:
     lora_bias: bool = False
     bias: str = "none"
     modules_to_save: Selector = None
+    target_parameters: Sequence[Any] = ()
 
     def __post_init__(self) -> None:
-        if self.targets is None:
+        if self.targets is None and not self.target_parameters:
             raise errors.InvalidConfigError("targets is required, e.g. targets=['q_proj', 'v_proj']")
+        if self.target_parameters and (self.use_dora or self.lora_bias):
+            raise errors.InvalidConfigError("target_parameters takes neither use_dora nor lora_bias "
+                                            "(nor in HF PEFT)")
+        if self.target_parameters:
+            from peft_jax.methods.raw_params import RawParamLora
+
+            RawParamLora(param="check", lora=self.settings_for(""))  # its init checks, now
+        if self.targets is None and self.bias == "lora_only":
+            raise errors.InvalidConfigError('bias="lora_only" needs targets (layers whose biases train)')
         check_positive_int(self.rank, "rank")
         check_positive(self.alpha, "alpha")
         for key, rank in dict(self.rank_pattern).items():
@@ -158,7 +170,11 @@ class LoraConfig:
         return Dora(lora=lora) if self.use_dora else lora
 
     def placements(self) -> tuple[Placement, ...]:
-        out = [Placement(self.targets, self.method_for, what="LoRA targets")]
+        out = [] if self.targets is None else [Placement(self.targets, self.method_for, what="LoRA targets")]
+        if self.target_parameters:
+            from peft_jax.methods.raw_params import target_parameters  # raw_params imports this file
+
+            out.extend(target_parameters(self.target_parameters, self.settings_for))
         if self.bias == "lora_only":
             out.append(Placement(self.targets, TrainBias(), what="LoRA targets", optional=True))
         elif self.bias == "all":

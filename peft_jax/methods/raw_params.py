@@ -119,7 +119,7 @@ class RawParamLora(Method, Mergeable):
         lora: rank, alpha, rsLoRA, dropout and init (`KaimingUniform` or `Gaussian` only).
     """
 
-    name: ClassVar[str] = "lora"
+    name: ClassVar[str] = "lora_raw_param"
     sites: ClassVar[tuple[str, ...]] = ("module",)
     param: str
     lora: Lora = Lora()
@@ -365,32 +365,4 @@ def target_parameters(names: Sequence[Any], lora: Lora | Callable[[str], Lora] =
     return Placements(out)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RawParams:
-    """A config: LoRA on raw params (HF ``LoraConfig(target_parameters=...)``).
-
-    Example:
-        >>> cfg = RawParams(targets=["experts/w_up"], rank=4, alpha=8)
-        >>> [p.method_for("experts").lora.scale for p in cfg.placements()]
-        [2.0]
-    """
-
-    targets: Sequence[Any]
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    init: Any = KaimingUniform()
-
-    def __post_init__(self) -> None:
-        if not self.targets:
-            raise errors.InvalidConfigError("targets is required, e.g. targets=['experts/w_up']")
-        self.placements()  # every check now, not at attach time
-
-    def placements(self) -> tuple[Placement, ...]:
-        lora = Lora(rank=self.rank, alpha=float(self.alpha), dropout=float(self.dropout),
-                    use_rslora=self.use_rslora, init_weights=self.init)
-        return tuple(target_parameters(self.targets, lora))
-
-
-__all__ = ["RawParamLora", "RawParams", "target_parameters"]
+__all__ = ["RawParamLora", "target_parameters"]
