@@ -246,8 +246,7 @@ class Peft:
             for name, s in by_path[path]:
                 values = _nested_get(adapters, f"{path}/{name}")
                 key = module.make_rng("dropout") if noisy and any(m.needs_rng for m in s.methods) else None
-                for i, method in enumerate(s.methods):
-                    own = {k: values[k] for k in method.param_shapes(s.site)}
+                for i, (method, own) in enumerate(s.owned(values)):
                     ctx = Context(None if key is None else jax.random.fold_in(key, i))
                     entries.append((method, own, shared.get(name, {}), ctx))
             x, rest = call_args[0], call_args[1:]
@@ -288,8 +287,8 @@ class Peft:
         for adapter in self._require_plans():
             for s in adapter.sites:
                 values = _nested_get(variables[COLLECTION], f"{s.path}/{adapter.name}")
-                for method in s.methods:
-                    n = sum(count_params(values[k]) for k in method.param_shapes(s.site))
+                for method, own in s.owned(values):
+                    n = count_params(own)
                     n += sum(count_params(_nested_get(params, f"{s.path}/{leaf}")) for leaf in method.trains_base)
                     key = (adapter.name, method.name)
                     by_method[key] = by_method.get(key, 0) + n
@@ -402,8 +401,7 @@ class Peft:
             for s in adapter.sites:
                 values = _nested_get(variables[COLLECTION], f"{s.path}/{adapter.name}")
                 entries = by_path.setdefault(s.path, (s, []))[1]
-                for method in s.methods:
-                    own = {k: values[k] for k in method.param_shapes(s.site)}
+                for method, own in s.owned(values):
                     entries.append((method, own, shared.get(adapter.name, {}), Context()))
         return list(by_path.values())
 

@@ -36,9 +36,12 @@ class SitePlan:
     path: str
     site: Site
     methods: tuple[Method, ...]
+    #: each method's top-level param names, aligned with ``methods`` (computed once, when planned).
+    keys: tuple[tuple[str, ...], ...] = ()
 
-    def param_names(self, shapes_of: Callable[[Method], dict]) -> list[str]:
-        return [k for m in self.methods for k in shapes_of(m)]
+    def owned(self, values: dict) -> list[tuple[Method, dict]]:
+        """``(method, its params)`` pairs from the site's params of one adapter."""
+        return [(m, {k: values[k] for k in keys}) for m, keys in zip(self.methods, self.keys)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +131,10 @@ def plan_adapter(name: str, config: Any, paths: Sequence[str], describe: Describ
             sites.append(SitePlan(path, _site_for(path, methods, describe, type_of(path)), tuple(methods)))
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
-        for s in sites:
+        for i, s in enumerate(sites):
             for m in s.methods:
                 m.check(s.site)
-            _check_param_names(s)
+            sites[i] = dataclasses.replace(s, keys=_param_keys(s))
     if notes:  # one warning per attach, however many layers it concerns
         warnings.warn("; ".join(dict.fromkeys(str(n.message) for n in notes)), notes[0].category,
                       stacklevel=3)
@@ -153,13 +156,17 @@ def _usable(path, methods, optional, describe, module_type) -> list[Method]:
     return keep
 
 
-def _check_param_names(s: SitePlan) -> None:
+def _param_keys(s: SitePlan) -> tuple[tuple[str, ...], ...]:
+    """Each method's param names; two methods of one adapter may not own the same name."""
     owner: dict[str, Method] = {}
+    keys = []
     for m in s.methods:
-        for key in m.param_shapes(s.site):
+        keys.append(tuple(m.param_shapes(s.site)))
+        for key in keys[-1]:
             if key in owner:
                 raise errors.IncompatibleMethodsError(
                     f"{type(owner[key]).__name__} and {type(m).__name__} cannot share layer "
                     f"{s.path!r} in one adapter: both own a param named {key!r}; attach one of them "
                     "as a second adapter")
             owner[key] = m
+    return tuple(keys)
