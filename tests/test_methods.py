@@ -133,3 +133,46 @@ def test_unload_returns_the_users_own_classes():
     assert {type(m).__name__ for _, m in nnx.iter_modules(model)} == {
         "NnxNet", "Embed", "Linear", "LinearGeneral", "Einsum", "Conv", "LayerNorm"}
     assert not nnx.state(model, nnx.LoRAParam)
+
+
+@pytest.mark.parametrize("front", ["nnx", "linen"])
+def test_lora_on_an_einsum_layer_of_stacked_experts(front):
+    """``nnx.Einsum("etd,edf->etf")``: each expert gets its own factors, on the thin path."""
+    from flax import linen as nn
+
+    e, d, f, t = 3, 8, 6, 5
+    x = _normal(1, (e, t, d))
+    if front == "nnx":
+        model = nnx.Sequential(nnx.Einsum("etd,edf->etf", (e, d, f), rngs=nnx.Rngs(0)))
+        peft_jax.nnx.attach(model, LoraConfig(targets=["0"], rank=2, alpha=4.0), rngs=nnx.Rngs(1))
+        slot = model.layers[0].default
+        assert slot.lora_a.shape == (e, d, 2) and slot.lora_b.shape == (e, 2, f)
+        slot.lora_b[...] = _normal(2, slot.lora_b.shape)
+        a, b = slot.lora_a[...], slot.lora_b[...]
+        w = model.layers[0].kernel[...]
+        y = model(x)
+        peft_jax.nnx.merge(model)
+        merged = model(x)
+    else:
+        wrapper = nn.Sequential([nn.Einsum((e, d, f), "etd,edf->etf", use_bias=False)])
+        variables = wrapper.init(jax.random.key(0), x)
+        peft = peft_jax.linen.attach(wrapper, LoraConfig(targets=["layers_0"], rank=2, alpha=4.0)).plan(variables, x)
+        variables = peft.init(jax.random.key(1), variables)
+        slot = variables["adapters"]["layers_0"]["default"]
+        assert slot["lora_a"].shape == (e, d, 2) and slot["lora_b"].shape == (e, 2, f)
+        slot["lora_b"] = _normal(2, slot["lora_b"].shape)
+        a, b = slot["lora_a"], slot["lora_b"]
+        w = variables["params"]["layers_0"]["kernel"]
+        y = peft.apply(variables, x)
+        merged = peft.apply(peft.merge(variables), x)
+    want = jnp.einsum("etd,edf->etf", x, w + 2.0 * jnp.einsum("edr,erf->edf", a, b))
+    np.testing.assert_allclose(y, want, atol=1e-5)
+    np.testing.assert_allclose(merged, y, atol=1e-5)
+
+
+def test_other_methods_refuse_stacked_expert_kernels_by_name():
+    model = nnx.Sequential(nnx.Einsum("etd,edf->etf", (3, 8, 6), rngs=nnx.Rngs(0)))
+    with pytest.raises(peft_jax.errors.UnsupportedLayerError, match=r"IA3 cannot adapt 'layers/0'.*'e'"):
+        peft_jax.nnx.attach(model, peft_jax.place(["0"], peft_jax.IA3()), rngs=nnx.Rngs(1))
+    with pytest.raises(peft_jax.errors.UnsupportedLayerError, match="Dora"):
+        peft_jax.nnx.attach(model, LoraConfig(targets=["0"], use_dora=True), rngs=nnx.Rngs(1))

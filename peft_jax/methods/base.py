@@ -119,8 +119,10 @@ class Method:
     sites: ClassVar[tuple[str, ...]] = ("linear",)
     #: base leaves (of the site's own params) this method trains in place, e.g. ``("bias",)``.
     trains_base: ClassVar[tuple[str, ...]] = ()
-    #: whether the math holds on grouped convolutions (``feature_group_count > 1``).
+    #: whether the math holds on grouped convolutions (``feature_group_count > 1``) and on
+    #: batched einsum kernels (a stack of experts with factors per entry).
     grouped_conv: ClassVar[bool] = False
+    batched_kernels: ClassVar[bool] = False
 
     # -- before anything is built ------------------------------------------------------------
     def check(self, site: Site) -> None:
@@ -133,6 +135,10 @@ class Method:
             raise errors.UnsupportedLayerError(
                 f"{type(self).__name__} cannot adapt the grouped convolution {site.path!r} "
                 f"({site.layer}, feature_group_count={site.op.groups}); LoRA, LoHa, LoKr and BEFT can")
+        if getattr(getattr(site, "op", None), "batched", False) and not self.batched_kernels:
+            raise errors.UnsupportedLayerError(
+                f"{type(self).__name__} cannot adapt {site.path!r} ({site.layer}), whose kernel is a "
+                f"stack over einsum axes {site.op.batch_letters!r} (e.g. experts); LoRA can")
 
     @property
     def needs_rng(self) -> bool:

@@ -91,6 +91,7 @@ class Lora(Method, AddsToKernel):
 
     name: ClassVar[str] = "lora"
     grouped_conv: ClassVar[bool] = True
+    batched_kernels: ClassVar[bool] = True
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
@@ -117,6 +118,10 @@ class Lora(Method, AddsToKernel):
     def check(self, site) -> None:
         super().check(site)
         groups = getattr(site.op, "groups", 1)
+        if getattr(site.op, "batched", False) and type(self.init_weights).__name__ in ("PiSSA", "OLoRA"):
+            raise errors.InvalidConfigError(
+                f"{type(self.init_weights).__name__} init on the stacked kernel {site.path!r} is not "
+                "supported; use the default init there")
         if groups > 1:
             if self.rank % groups:
                 raise errors.InvalidConfigError(

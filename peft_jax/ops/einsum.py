@@ -40,10 +40,17 @@ class EinsumOp(LinearOp):
     out: str = ""
     in_letters: str = ""
     out_letters: str = ""
+    batch_letters: str = ""
+    batch_shape: tuple[int, ...] = ()
 
     @classmethod
     def from_string(cls, einsum_str: str, kernel_shape: tuple[int, ...]) -> "EinsumOp":
-        """Parses ``"lhs,kernel->out"``; raises `UnsupportedLayerError` for batch-like kernel axes."""
+        """Parses ``"lhs,kernel->out"``.
+
+        Kernel axes that are also in the input and the output (``e`` in ``"etd,edf->etf"``, a
+        stack of experts) are *batch* axes: each batch entry gets its own factors. Kernel axes
+        that are summed away, or ``...`` in the kernel, raise `UnsupportedLayerError`.
+        """
         compact = _tokens(einsum_str.replace(" ", ""))
         try:
             inputs, out = compact.split("->")
@@ -58,16 +65,36 @@ class EinsumOp(LinearOp):
                 f"{tuple(kernel_shape)}")
         in_letters = "".join(c for c in kernel if c in lhs and c not in out)
         out_letters = "".join(c for c in kernel if c in out and c not in lhs)
-        odd = [c for c in kernel if c not in in_letters + out_letters]
-        if odd or _ELLIPSIS in kernel:
+        batch_letters = "".join(c for c in kernel if c in lhs and c in out)
+        odd = [c for c in kernel if c not in in_letters + out_letters + batch_letters]
+        if odd or _ELLIPSIS in kernel or not in_letters or not out_letters:
             raise errors.UnsupportedLayerError(
-                f"einsum {einsum_str!r}: kernel axes {odd or ['...']} are neither purely contracted "
-                "nor purely output axes; a low-rank factorisation needs each kernel axis to be one "
-                "or the other")
+                f"einsum {einsum_str!r}: kernel axes {odd or ['...']} are summed away (or the kernel "
+                "has no contracted or no output axis); a low-rank factorisation needs every kernel "
+                "axis to be contracted, an output axis, or a batch axis kept in input and output")
         size = dict(zip(kernel, kernel_shape))
         return cls(in_shape=tuple(size[c] for c in in_letters),
                    out_shape=tuple(size[c] for c in out_letters),
-                   lhs=lhs, kernel=kernel, out=out, in_letters=in_letters, out_letters=out_letters)
+                   lhs=lhs, kernel=kernel, out=out, in_letters=in_letters, out_letters=out_letters,
+                   batch_letters=batch_letters, batch_shape=tuple(size[c] for c in batch_letters))
+
+    @property
+    def batched(self) -> bool:
+        """Whether the kernel is a stack (e.g. of experts) with its own factors per entry."""
+        return bool(self.batch_letters)
+
+    def a_shape(self, rank: int) -> tuple[int, ...]:
+        return (*self.batch_shape, *self.in_shape, rank)
+
+    def b_shape(self, rank: int) -> tuple[int, ...]:
+        return (*self.batch_shape, rank, *self.out_shape)
+
+    def factors_to_kernel(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        if not self.batched:
+            return super().factors_to_kernel(a, b)
+        r, batch = self._rank_letter, self.batch_letters
+        spec = f"{batch}{self.in_letters}{r},{batch}{r}{self.out_letters}->{self.kernel}"
+        return jnp.einsum(_spec(spec), a, b)
 
     @property
     def _rank_letter(self) -> str:
@@ -92,19 +119,20 @@ class EinsumOp(LinearOp):
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
-        size = dict(zip(self.in_letters + self.out_letters, self.in_shape + self.out_shape))
+        size = dict(zip(self.batch_letters + self.in_letters + self.out_letters,
+                        self.batch_shape + self.in_shape + self.out_shape))
         return tuple(size[c] for c in self.kernel)
 
     def apply_kernel(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
         return jnp.einsum(_spec(f"{self.lhs},{self.kernel}->{self.out}"), x, kernel)
 
     def project_in(self, x: jax.Array, a: jax.Array) -> jax.Array:
-        r = self._rank_letter
-        return jnp.einsum(_spec(f"{self.lhs},{self.in_letters}{r}->{self._hidden}{r}"), x, a)
+        r, batch = self._rank_letter, self.batch_letters
+        return jnp.einsum(_spec(f"{self.lhs},{batch}{self.in_letters}{r}->{self._hidden}{r}"), x, a)
 
     def project_out(self, h: jax.Array, b: jax.Array) -> jax.Array:
-        r = self._rank_letter
-        return jnp.einsum(_spec(f"{self._hidden}{r},{r}{self.out_letters}->{self.out}"), h, b)
+        r, batch = self._rank_letter, self.batch_letters
+        return jnp.einsum(_spec(f"{self._hidden}{r},{batch}{r}{self.out_letters}->{self.out}"), h, b)
 
     def scale_output(self, y: jax.Array, g: jax.Array) -> jax.Array:
         return jnp.einsum(_spec(f"{self.out},{self.out_letters}->{self.out}"), y, g)
