@@ -36,6 +36,7 @@ from flax.core import meta
 from peft_jax import errors
 from peft_jax.core import combine, partition
 from peft_jax.core.count import ParamSummary, count_params
+from peft_jax.core.paths import items_under
 from peft_jax.methods.base import Context, Site, require_mergeable
 from peft_jax.ops import EmbedOp, LinearOp, dense_op
 from peft_jax.sites import AdapterPlan, attend_site, merge_site, plan_adapter, run_site, unmerge_site
@@ -86,15 +87,6 @@ def _nested_set(tree: dict, path: str, value: Any) -> dict:
         return value
     head, _, rest = path.partition("/")
     return {**tree, head: _nested_set(tree.get(head, {}), rest, value)}
-
-
-def _flatten(prefix: str, value: Any, out: dict) -> dict:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = value
-    return out
 
 
 def _base_only(variables: dict) -> dict:
@@ -350,9 +342,9 @@ class Peft:
                 continue
             for s in adapter.sites:
                 where = f"{s.path}/{adapter.name}"
-                _flatten(where, _nested_get(variables[COLLECTION], where), out)
+                out.update(items_under(where, _nested_get(variables[COLLECTION], where)))
             if adapter.name in variables.get(SHARED, {}):
-                _flatten(f"{adapter.name}/shared", variables[SHARED][adapter.name], out)
+                out.update(items_under(f"{adapter.name}/shared", variables[SHARED][adapter.name]))
         return out
 
     def load_adapter_state(self, variables: dict, values: dict[str, Any]) -> dict:

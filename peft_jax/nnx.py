@@ -30,6 +30,7 @@ from flax import nnx
 
 from peft_jax import errors
 from peft_jax.core.count import ParamSummary, count_params
+from peft_jax.core.paths import items_under
 from peft_jax.methods.base import Context, Method, Site, require_mergeable
 from peft_jax.ops import EmbedOp, LinearOp, dense_op
 from peft_jax.sites import AdapterPlan, attend_site, merge_site, plan_adapter, run_site, unmerge_site
@@ -120,7 +121,7 @@ class AdapterSlot(nnx.Module):
         self.param_names = tuple(tuple(p) for p in params)
         for values in params:
             for key, value in values.items():
-                setattr(self, key, _variables({key: value}, AdapterParam)[key])
+                setattr(self, key, _variables(value, AdapterParam) if isinstance(value, dict) else AdapterParam(value))
         self.shared = shared
         self.deterministic = False  # nnx's model.train() / model.eval() flip it, as for nnx.Dropout
         needs_rng = any(m.needs_rng for m in methods)
@@ -525,9 +526,9 @@ def adapter_state(model: nnx.Module, name: str | None = None) -> dict[str, jax.A
                 continue
             for names in slot.param_names:
                 for key in names:
-                    _flatten(f"{path}/{adapter}/{key}", _values(getattr(slot, key)), out)
+                    out.update(items_under(f"{path}/{adapter}/{key}", _values(getattr(slot, key))))
             if slot.shared is not None:
-                _flatten(f"{adapter}/shared", _values(slot.shared.values), out)
+                out.update(items_under(f"{adapter}/shared", _values(slot.shared.values)))
     return out
 
 
@@ -545,14 +546,6 @@ def load_adapter_state(model: nnx.Module, values: dict[str, Any]) -> None:
                     _load(getattr(slot, key), f"{path}/{adapter}/{key}", values)
             if slot.shared is not None:
                 _load(slot.shared.values, f"{adapter}/shared", values)
-
-
-def _flatten(prefix: str, value: Any, out: dict) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}/{k}", v, out)
-    else:
-        out[prefix] = value
 
 
 def _load(node: Any, prefix: str, values: dict) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-__all__ = ["path_to_str", "tree_paths", "tree_items", "map_with_path"]
+__all__ = ["path_to_str", "tree_paths", "tree_items", "map_with_path", "items_under"]
 
 IsLeaf = Callable[[Any], bool] | None
 
@@ -111,3 +111,13 @@ def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any, is_leaf: IsLeaf
     return jax.tree_util.tree_map_with_path(
         lambda kp, x, *xs: fn(path_to_str(kp), x, *xs), tree, *rest, is_leaf=is_leaf
     )
+
+
+def items_under(prefix: str, tree: Any) -> dict[str, Any]:
+    """``{"<prefix>/<path>": leaf}`` for every leaf of ``tree`` (``{prefix: tree}`` for a leaf).
+
+    Example:
+        >>> items_under("q/default", {"lora_a": 1, "lora_b": 2}), items_under("x", 3)
+        ({'q/default/lora_a': 1, 'q/default/lora_b': 2}, {'x': 3})
+    """
+    return {f"{prefix}/{p}" if p else prefix: x for p, x in tree_items(tree)}
