@@ -17,13 +17,14 @@ Sites (a small closed set, each front-end implements them once):
 * ``"module"``: any module, whose params the method may replace (LayerNorm tuning,
   ``modules_to_save``) or train in place (BitFit).
 
-* ``"inputs"`` (`InputSite`, designed here, built with the prompt methods): the model's input
-  embeddings and attention mask, HF's ``inputs_embeds=`` / ``attention_mask=``; a method returns
-  ``call([P; e], [1; m])``.
-* ``"attention"`` (`AttentionSite`, likewise): an attention tap's ``(q, k, v, mask)``; prefix
-  tuning returns ``call(q, [Pk; k], [Pv; v], [1; m])``.
+* ``"residual"``: where a sub-layer's output meets the residual stream (a tap the model places);
+  bottleneck adapters return ``call(Residual(y + f(y), x, norm))`` and friends.
+* ``"inputs"``: the model's input embeddings and mask (an input tap); prompt tuning returns
+  ``call(Inputs([P; e], [1; m]))``.
+* ``"attention"``: an attention tap's ``(q, k, v, mask)``; prefix tuning returns
+  ``call(Attention(q, [Pk; k], [Pv; v], [1; m]))``.
 
-Bottleneck adapters are module sites whose method returns ``h + f(h)`` around ``call``.
+The sites and the tuples their calls take are in `peft_jax.methods.sites`.
 
 Example:
     >>> import jax.numpy as jnp
@@ -38,62 +39,30 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar
 
 import jax
 
 from peft_jax import errors
+from peft_jax.methods.sites import (
+    Attention,
+    AttentionSite,
+    Inputs,
+    InputSite,
+    LinearSite,
+    ModuleSite,
+    Residual,
+    ResidualSite,
+    Site,
+)
 from peft_jax.ops import LinearOp
 
 Params = dict[str, Any]
 Call = Callable[..., Any]
 
-
-@dataclasses.dataclass(frozen=True)
-class LinearSite:
-    """A layer that computes ``op(x, kernel) (+ bias)``: what a weight method may rely on."""
-
-    path: str
-    op: LinearOp
-    layer: str
-    has_bias: bool
-    kind: ClassVar[str] = "linear"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModuleSite:
-    """Any module: its path, class name and the shapes of its own params (a nested dict)."""
-
-    path: str
-    layer: str
-    param_shapes: Mapping[str, Any]
-    op: LinearOp | None = None
-    kind: ClassVar[str] = "module"
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSite:
-    """The model's inputs: ``call(inputs_embeds, attention_mask)``; ``features`` is the width."""
-
-    path: str
-    layer: str
-    features: int
-    kind: ClassVar[str] = "inputs"
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionSite:
-    """An attention tap: ``call(q, k, v, mask)`` with ``(batch, seq, heads, head_dim)`` layouts."""
-
-    path: str
-    layer: str
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    kind: ClassVar[str] = "attention"
-
-
-Site = LinearSite | ModuleSite | InputSite | AttentionSite
+__all__ = ["Attention", "AttentionSite", "AddsToKernel", "Call", "Context", "InputSite", "Inputs",
+           "LinearSite", "Mergeable", "Method", "ModuleSite", "Params", "Residual", "ResidualSite",
+           "Site", "is_mergeable", "require_mergeable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +119,12 @@ class Method:
         """State created once per adapter for all its sites (VeRA's projections); frozen."""
         return {}
 
+    def init_shared_params(self, key: jax.Array, sites: list[Site], dtype: Any) -> Params:
+        """Trainable params created once per adapter and used by all its sites (Compacter's
+        shared PHM rule, prefix tuning's reparameterization MLP). `apply` finds them in
+        ``shared`` next to the frozen state; their names must not clash with it."""
+        return {}
+
     def init(self, key: jax.Array, site: Site, base: Params, shared: Params) -> tuple[Params, Params]:
         """``(params, base_updates)``: the trainable params and any replaced base arrays
         (PiSSA moves part of the kernel into the adapter; ``{}`` otherwise)."""
@@ -161,7 +136,9 @@ class Method:
 
         def build(base):
             key = jax.random.key(0)
-            return self.init(key, site, base, self.init_shared(key, [site], jnp.float32))[0]
+            shared = {**self.init_shared(key, [site], jnp.float32),
+                      **self.init_shared_params(key, [site], jnp.float32)}
+            return self.init(key, site, base, shared)[0]
 
         return jax.tree.map(lambda s: tuple(s.shape), jax.eval_shape(build, _abstract_base(site)))
 
@@ -225,6 +202,10 @@ def require_mergeable(method: Method, path: str) -> None:
 def _abstract_base(site: Site) -> Params:
     import jax.numpy as jnp
 
+    if site.kind in ("residual", "attention"):
+        return {}
+    if site.kind == "inputs":
+        return {"embedding": jax.ShapeDtypeStruct((site.vocab_size, site.features), jnp.float32)}
     if site.kind == "linear":
         kernel = jax.ShapeDtypeStruct(site.op.kernel_shape, jnp.float32)
         base = {"kernel": kernel}
