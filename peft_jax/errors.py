@@ -88,3 +88,11 @@ class ResumeError(PeftError, ValueError):
 
 class NonFiniteLossError(PeftError, FloatingPointError):
     """Training produced a NaN or infinite loss; the last good checkpoint is left as it was."""
+
+
+class MissingHookError(PeftError, TypeError):
+    """A method needs a tap the model does not place (an input, attention or residual tap)."""
+
+
+class SequenceTooLongError(PeftError, ValueError):
+    """Inputs plus virtual tokens exceed the positions the model can take."""

@@ -130,11 +130,15 @@ class Inputs(NamedTuple):
 
     ``fresh`` is static: ``False`` on decoding steps after a cached prefill, whose virtual
     tokens are already in the cache (so input methods must not prepend them again).
+    ``offset`` is static too: virtual tokens that precede these inputs without being part of
+    them (prefix tuning's keys and values, as HF PEFT counts them); the model starts its
+    positions after them.
     """
 
     embeds: jax.Array
     mask: jax.Array
     fresh: bool = True
+    offset: int = 0
 
 
 class Attention(NamedTuple):
