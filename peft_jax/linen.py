@@ -39,11 +39,20 @@ from peft_jax.core.count import ParamSummary, count_params
 from peft_jax.core.paths import items_under
 from peft_jax.methods.base import Context, Site, require_mergeable
 from peft_jax.ops import EmbedOp, LinearOp, dense_op
-from peft_jax.sites import AdapterPlan, attend_site, merge_site, plan_adapter, run_site, unmerge_site
-from peft_jax.sites.layers import contraction_op, conv_op, describe, einsum_op
+from peft_jax.sites import (
+    AdapterPlan,
+    attend_site,
+    init_shared,
+    merge_site,
+    plan_adapter,
+    run_site,
+    unmerge_site,
+)
+from peft_jax.sites.layers import KINDS, contraction_op, conv_op, describe, einsum_op
 
 COLLECTION = "adapters"
 SHARED = "adapter_shared"
+SHARED_PARAMS = "adapter_shared_params"
 RECORD = "merge_record"
 
 _OPS = {
@@ -90,19 +99,25 @@ def _nested_set(tree: dict, path: str, value: Any) -> dict:
 
 
 def _base_only(variables: dict) -> dict:
-    return {k: v for k, v in variables.items() if k not in (COLLECTION, SHARED, RECORD)}
+    return {k: v for k, v in variables.items() if k not in (COLLECTION, SHARED, SHARED_PARAMS, RECORD)}
+
+
+def _shared(variables: dict, name: str) -> dict:
+    """Adapter ``name``'s shared state, frozen and trainable, as methods see it."""
+    return {**variables.get(SHARED, {}).get(name, {}), **variables.get(SHARED_PARAMS, {}).get(name, {})}
 
 
 def _describe_module(module: nn.Module, path: str) -> dict[str, Site | Exception | None]:
     """Both site kinds of one module, computed while tracing (errors kept for later)."""
     found: dict[str, Site | Exception | None] = {}
     params = meta.unbox(module.variables.get("params", {}))
-    for kind in ("linear", "module"):
+    for kind in KINDS:
         try:
             found[kind] = describe(
                 path, kind, op_of=lambda: _module_op(module), layer=type(module).__name__,
                 has_bias=module.has_variable("params", "bias"),
-                param_shapes=lambda: jax.tree.map(lambda x: tuple(x.shape), dict(params)))
+                param_shapes=lambda: jax.tree.map(lambda x: tuple(x.shape), dict(params)),
+                tap=module)
         except errors.UnsupportedLayerError as e:
             found[kind] = e
     return found
@@ -181,22 +196,24 @@ class Peft:
         params = meta.unbox(variables["params"])
         adapters = dict(variables.get(COLLECTION, {}))
         shared_all = dict(variables.get(SHARED, {}))
+        shared_params = dict(variables.get(SHARED_PARAMS, {}))
         for adapter in planned.plans:
             if adapter.sites and _has(adapters, f"{adapter.sites[0].path}/{adapter.name}"):
                 continue
-            shared = {}
-            for i, method in enumerate(adapter.methods):
-                k = jax.random.fold_in(key, zlib.crc32(f"{adapter.name}/shared/{i}".encode()))
-                shared[method] = method.init_shared(k, adapter.sites_of(method), jnp.float32)
-            merged_shared = {k: v for values in shared.values() for k, v in values.items()}
-            if merged_shared:
-                shared_all[adapter.name] = merged_shared
+            counter = iter(range(1 << 30))
+            frozen, trainable = init_shared(adapter, lambda: jax.random.fold_in(
+                key, zlib.crc32(f"{adapter.name}/shared/{next(counter)}".encode())))
+            if frozen:
+                shared_all[adapter.name] = frozen
+            if trainable:
+                shared_params[adapter.name] = trainable
+            shared = {**frozen, **trainable}
             for s in adapter.sites:
                 values_all = {}
                 for i, method in enumerate(s.methods):
-                    base = _site_base(params, s)
+                    base = _init_base(params, s)
                     k = jax.random.fold_in(key, zlib.crc32(f"{adapter.name}/{s.path}/{i}".encode()))
-                    values, updates = method.init(k, s.site, base, shared[method])
+                    values, updates = method.init(k, s.site, base, shared)
                     if updates:
                         params = _write_base(params, s, {**base, **updates})
                     values_all.update(values)
@@ -204,6 +221,8 @@ class Peft:
         out = {**variables, "params": params, COLLECTION: adapters}
         if shared_all:
             out[SHARED] = shared_all
+        if shared_params:
+            out[SHARED_PARAMS] = shared_params
         return out
 
     # -- running ----------------------------------------------------------------------------------
@@ -224,7 +243,6 @@ class Peft:
             for s in adapter.sites:
                 by_path.setdefault(s.path, []).append((adapter.name, s))
         adapters = variables.get(COLLECTION, {})
-        shared = variables.get(SHARED, {})
 
         def intercept(next_fun, call_args, call_kwargs, context):
             module = context.module
@@ -240,7 +258,7 @@ class Peft:
                 key = module.make_rng("dropout") if noisy and any(m.needs_rng for m in s.methods) else None
                 for i, (method, own) in enumerate(s.owned(values)):
                     ctx = Context(None if key is None else jax.random.fold_in(key, i))
-                    entries.append((method, own, shared.get(name, {}), ctx))
+                    entries.append((method, own, _shared(variables, name), ctx))
             x, rest = call_args[0], call_args[1:]
             if context.method_name == "attend":
                 return attend_site(entries, site, x, next_fun(*call_args, **call_kwargs), base)
@@ -262,7 +280,7 @@ class Peft:
                     for m in s.methods for leaf in m.trains_base}
 
         def selector(path: str, leaf: Any) -> bool:
-            return path.startswith(COLLECTION + "/") or path in in_place
+            return path.startswith((COLLECTION + "/", SHARED_PARAMS + "/")) or path in in_place
 
         return selector
 
@@ -343,8 +361,9 @@ class Peft:
             for s in adapter.sites:
                 where = f"{s.path}/{adapter.name}"
                 out.update(items_under(where, _nested_get(variables[COLLECTION], where)))
-            if adapter.name in variables.get(SHARED, {}):
-                out.update(items_under(f"{adapter.name}/shared", variables[SHARED][adapter.name]))
+            for collection in (SHARED, SHARED_PARAMS):
+                if adapter.name in variables.get(collection, {}):
+                    out.update(items_under(f"{adapter.name}/shared", variables[collection][adapter.name]))
         return out
 
     def load_adapter_state(self, variables: dict, values: dict[str, Any]) -> dict:
@@ -354,19 +373,18 @@ class Peft:
         if missing:
             raise errors.StateError(f"no attached adapter param at {missing[:5]}; attach the same "
                                     "config (and adapter name) before loading")
-        adapters, shared = variables[COLLECTION], dict(variables.get(SHARED, {}))
+        out = dict(variables)
         names = {a.name for a in self._require_plans()}
         for key, value in values.items():
             head, _, rest = key.partition("/")
             old = current[key]
             new = jnp.asarray(value, old.dtype).reshape(old.shape)
             if head in names and rest.startswith("shared/"):
-                shared = _nested_set(shared, f"{head}/{rest.removeprefix('shared/')}", new)
+                inner = f"{head}/{rest.removeprefix('shared/')}"
+                collection = SHARED_PARAMS if _has(out.get(SHARED_PARAMS, {}), inner) else SHARED
+                out[collection] = _nested_set(out.get(collection, {}), inner, new)
             else:
-                adapters = _nested_set(adapters, key, new)
-        out = {**variables, COLLECTION: adapters}
-        if shared:
-            out[SHARED] = shared
+                out[COLLECTION] = _nested_set(out[COLLECTION], key, new)
         return out
 
     # -- helpers ----------------------------------------------------------------------------------
@@ -388,13 +406,13 @@ class Peft:
     def _sites(self, variables: dict):
         """``(site plan, entries)`` per adapted site, over every adapter (merge order)."""
         by_path: dict[str, tuple] = {}
-        shared = variables.get(SHARED, {})
         for adapter in self._require_plans():
+            shared = _shared(variables, adapter.name)
             for s in adapter.sites:
                 values = _nested_get(variables[COLLECTION], f"{s.path}/{adapter.name}")
                 entries = by_path.setdefault(s.path, (s, []))[1]
                 for method, own in s.owned(values):
-                    entries.append((method, own, shared.get(adapter.name, {}), Context()))
+                    entries.append((method, own, shared, Context()))
         return list(by_path.values())
 
 
@@ -412,6 +430,8 @@ def _kernel_key(params: dict, path: str) -> str:
 
 def _site_base(params: dict, s) -> dict:
     """The site's base arrays from a params dict: ``{"kernel", "bias"}`` or the module's tree."""
+    if s.site.kind not in ("linear", "module"):
+        return {}
     layer = _nested_get(params, s.path)
     if s.site.kind != "linear":
         return dict(layer)
@@ -419,6 +439,14 @@ def _site_base(params: dict, s) -> dict:
     if "bias" in layer:
         base["bias"] = layer["bias"]
     return base
+
+
+def _init_base(params: dict, s) -> dict:
+    """What a method's ``init`` sees as the site's base (an input tap: the embedding table)."""
+    if s.site.kind != "inputs":
+        return _site_base(params, s)
+    table = _nested_get(params, s.site.embed_path)
+    return {"embedding": table["embedding"] if "embedding" in table else table["kernel"]}
 
 
 def _write_base(params: dict, s, values: dict) -> dict:
@@ -433,7 +461,7 @@ def _write_base(params: dict, s, values: dict) -> dict:
 
 def _module_base(module: nn.Module, site: Site) -> dict:
     if site.kind != "linear":
-        return meta.unbox(dict(module.variables.get("params", {})))
+        return meta.unbox(dict(module.variables.get("params", {}))) if site.kind == "module" else {}
     base = {"kernel": meta.unbox(module.get_variable("params", _kernel_name(module)))}
     if module.has_variable("params", "bias"):
         base["bias"] = meta.unbox(module.get_variable("params", "bias"))

@@ -33,7 +33,15 @@ from peft_jax.core.count import ParamSummary, count_params
 from peft_jax.core.paths import items_under
 from peft_jax.methods.base import Context, Method, Site, require_mergeable
 from peft_jax.ops import EmbedOp, LinearOp, dense_op
-from peft_jax.sites import AdapterPlan, attend_site, merge_site, plan_adapter, run_site, unmerge_site
+from peft_jax.sites import (
+    AdapterPlan,
+    attend_site,
+    init_shared,
+    merge_site,
+    plan_adapter,
+    run_site,
+    unmerge_site,
+)
 from peft_jax.sites.layers import contraction_op, conv_op, describe, einsum_op
 
 
@@ -91,7 +99,8 @@ def _describe(module: nnx.Module, path: str, kind: str) -> Site | None:
     bias = getattr(module, "bias", None)
     return describe(path, kind, op_of=lambda: layer_op(module), layer=type(module).__name__,
                     has_bias=isinstance(bias, nnx.Variable) and bias is not None,
-                    param_shapes=lambda: jax.tree.map(lambda x: tuple(x.shape), _own_params(module)))
+                    param_shapes=lambda: jax.tree.map(lambda x: tuple(x.shape), _own_params(module)),
+                    tap=module)
 
 
 # --- the modules surgery inserts -----------------------------------------------------------------
@@ -106,10 +115,15 @@ def _values(node: Any) -> Any:
 
 
 class SharedBank(nnx.Module):
-    """An adapter's shared frozen state, referenced by each of its slots (stored once)."""
+    """An adapter's shared state, referenced by each of its slots (stored once): frozen
+    ``values`` (VeRA's projections) and trainable ``params`` (Compacter's shared PHM rule)."""
 
-    def __init__(self, values: dict):
+    def __init__(self, values: dict, params: dict):
         self.values = _variables(values, SharedState)
+        self.params = _variables(params, AdapterParam)
+
+    def all(self) -> dict:
+        return {**_values(self.values), **_values(self.params)}
 
 
 class AdapterSlot(nnx.Module):
@@ -130,7 +144,7 @@ class AdapterSlot(nnx.Module):
         self.merged = False
 
     def entries(self) -> list[tuple]:
-        shared = {} if self.shared is None else _values(self.shared.values)
+        shared = {} if self.shared is None else self.shared.all()
         key = None if self.deterministic or self.rngs is None else self.rngs()
         return [(m, {k: _values(getattr(self, k)) for k in names}, shared,
                  Context(None if key is None else jax.random.fold_in(key, i)))
@@ -313,29 +327,35 @@ def attach(model: nnx.Module, config: Any, *, rngs: nnx.Rngs, name: str = "defau
         if not isinstance(layer, AdaptedLayer):
             layer = AdaptedLayer(layer, s.site)
         layers[s.path] = layer
-    shared = {}
-    for method in adapter.methods:
-        values = method.init_shared(rngs.params(), adapter.sites_of(method), jnp.float32)
-        shared[method] = SharedBank(values) if values else None
+    frozen, trainable = init_shared(adapter, lambda: rngs.params())
+    bank = SharedBank(frozen, trainable) if frozen or trainable else None
+    shared = {} if bank is None else bank.all()
     for s in adapter.sites:
         layer = layers[s.path]
         if not isinstance(by_path[s.path], AdaptedLayer):
             _replace(model, s.path, layer)
         params = []
         for method in s.methods:
-            base = layer._base()
-            bank = shared[method]
-            values, updates = method.init(rngs.params(), s.site, base,
-                                          {} if bank is None else _values(bank.values))
+            base = _init_base(model, layer)
+            values, updates = method.init(rngs.params(), s.site, base, shared)
             if updates:
                 layer._write_base({**base, **updates})
             params.append(values)
             if method.trains_base:
                 _retag(layer.base_layer, nnx.Param, TrainedParam, method.trains_base)
-        banks = {shared[m] for m in s.methods} - {None}
-        setattr(layer, name, AdapterSlot(s.methods, params, next(iter(banks), None), rngs))
+        setattr(layer, name, AdapterSlot(s.methods, params, bank, rngs))
         layer.adapter_order = (*layer.adapter_order, name)
     return model
+
+
+def _init_base(model: nnx.Module, layer: AdaptedLayer) -> dict:
+    """What a method's ``init`` sees as the site's base (an input tap: the embedding table)."""
+    if layer.site.kind != "inputs":
+        return layer._base()
+    parent, key = _parent_and_key(model, layer.site.embed_path)
+    table = parent[key] if isinstance(parent, (list, dict, nnx.List, nnx.Dict)) else getattr(parent, key)
+    table = table.kernel if isinstance(table, AdaptedLayer) else getattr(table, "embedding")
+    return {"embedding": table[...]}
 
 
 def set_active(model: nnx.Module, names: str | list[str] | None) -> None:
@@ -528,7 +548,7 @@ def adapter_state(model: nnx.Module, name: str | None = None) -> dict[str, jax.A
                 for key in names:
                     out.update(items_under(f"{path}/{adapter}/{key}", _values(getattr(slot, key))))
             if slot.shared is not None:
-                out.update(items_under(f"{adapter}/shared", _values(slot.shared.values)))
+                out.update(items_under(f"{adapter}/shared", slot.shared.all()))
     return out
 
 
@@ -546,6 +566,7 @@ def load_adapter_state(model: nnx.Module, values: dict[str, Any]) -> None:
                     _load(getattr(slot, key), f"{path}/{adapter}/{key}", values)
             if slot.shared is not None:
                 _load(slot.shared.values, f"{adapter}/shared", values)
+                _load(slot.shared.params, f"{adapter}/shared", values)
 
 
 def _load(node: Any, prefix: str, values: dict) -> None:

@@ -43,12 +43,17 @@ class Placement:
         what: how error messages name these targets.
         optional: skip layers the method cannot take (e.g. biases of layers that have none)
             instead of raising, and allow matching nothing.
+        kind: only the taps of this site kind (``"inputs"``, ``"attention"``, ``"residual"``)
+            among the targets; a model with none raises `MissingHookError` naming what to add.
+        where: keep only the sites for which ``where(site)`` holds (LLaMA-Adapter's top layers).
     """
 
     targets: Selector
     method: Method | Callable[[str], Method]
     what: str = "targets"
     optional: bool = False
+    kind: str | None = None
+    where: Callable[[Any], bool] | None = None
 
     def method_for(self, path: str) -> Method:
         return self.method if isinstance(self.method, Method) else self.method(path)
@@ -70,6 +75,20 @@ def place(targets: Selector, method: Method, *, optional: bool = False) -> Place
     if not isinstance(method, Method):
         raise errors.InvalidConfigError(f"place() needs a method value such as Lora(rank=8), got {method!r}")
     return Placement(targets, method, what=f"{type(method).__name__} targets", optional=optional)
+
+
+def at_taps(kind: str, method: Method, *, targets: Selector = r".*",
+            where: Callable[[Any], bool] | None = None) -> Placement:
+    """``method`` on every tap of ``kind`` among ``targets`` (all of them by default).
+
+    Example:
+        >>> from peft_jax.methods.prefix import PrefixPositions
+        >>> at_taps("inputs", PrefixPositions(num_virtual_tokens=4)).kind
+        'inputs'
+    """
+    if not isinstance(method, Method):
+        raise errors.InvalidConfigError(f"at_taps() needs a method value, got {method!r}")
+    return Placement(targets, method, what=f"{type(method).__name__} targets", kind=kind, where=where)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from peft_jax import errors
+from peft_jax.hooks.taps import tap_site
 from peft_jax.methods.base import LinearSite, ModuleSite, Site
 from peft_jax.ops import ContractionOp, ConvOp, EinsumOp, LinearOp
 
@@ -51,12 +52,22 @@ def einsum_op(einsum_str: str | None, kernel_shape: tuple[int, ...]) -> EinsumOp
     return EinsumOp.from_string(einsum_str, tuple(kernel_shape))
 
 
+TAP_KINDS = ("residual", "inputs", "attention")
+#: the order in which a path's possible site kinds are tried when planning.
+KINDS = ("linear", *TAP_KINDS, "module")
+
+
 def describe(path: str, kind: str, *, op_of: Callable[[], LinearOp | None], layer: str,
-             has_bias: bool, param_shapes: Callable[[], dict]) -> Site | None:
+             has_bias: bool, param_shapes: Callable[[], dict], tap: Any = None) -> Site | None:
     """The site of one layer for ``kind`` (``None`` when the layer is not that kind of site).
 
     ``op_of`` may raise `UnsupportedLayerError` (e.g. a masked conv); the message gains the path.
+    ``tap`` is the module itself when it is a `peft_jax.hooks` tap: it is then only a site of
+    its own kind.
     """
+    tap_kind = getattr(type(tap), "tap_kind", None)
+    if tap_kind is not None or kind in TAP_KINDS:
+        return tap_site(tap, path) if kind == tap_kind else None
     if kind == "linear":
         try:
             op = op_of()

@@ -24,6 +24,25 @@ from typing import Any, Callable, Sequence
 from peft_jax import errors
 from peft_jax.core.select import compile_selector, select
 from peft_jax.methods.base import Method, Site
+from peft_jax.sites.layers import KINDS
+
+#: what a model author adds for each tap kind (named in MissingHookError messages).
+HOOKS = {
+    "inputs": "call `embeds, mask = self.input_tap(Inputs(embeds, mask))` on the word embeddings, "
+              "with `self.input_tap = peft_jax.hooks.InputTap(...)`, and accept "
+              "inputs_embeds= / attention_mask=",
+    "attention": "route the attention math through `self.attention_tap(Attention(q, k, v, mask), "
+                 "attend)` with `self.attention_tap = peft_jax.hooks.AttentionTap(...)`, or give "
+                 "the attention module an attention_fn attribute",
+    "residual": "combine each sub-layer's output with the residual stream through "
+                "`self.ffn_residual(Residual(y, x, norm))` (`peft_jax.hooks.ResidualTap`), or "
+                "target the sub-layer modules themselves",
+}
+
+
+def missing_hook(kinds) -> str:
+    """What to add to a model so it offers a site of one of ``kinds``."""
+    return "; or ".join(HOOKS[k] for k in sorted(kinds) if k in HOOKS)
 
 RESERVED = frozenset({"base_layer", "site", "adapter_order", "enabled", "merge_record", "shared"})
 Describe = Callable[[str, str], "Site | None"]
@@ -82,12 +101,16 @@ def _site_for(path: str, methods: list[Method], describe: Describe, module_type:
                 f"wraps it as a {'/'.join(first.sites)} site, the other as a {'/'.join(m.sites)} "
                 "site; put them on different layers")
         kinds &= set(m.sites)
-    for kind in ("linear", "module"):
+    for kind in KINDS:
         if kind in kinds:
             site = describe(path, kind)
             if site is not None:
                 return site
     names = ", ".join(sorted({type(m).__name__ for m in methods}))
+    if not kinds & {"linear", "module"}:
+        raise errors.MissingHookError(
+            f"{path!r} ({module_type}) matched the targets of {names}, which attach to "
+            f"{' or '.join(sorted(kinds))} taps only, and it is not one: {missing_hook(kinds)}")
     raise errors.UnsupportedLayerError(
         f"layer {path!r} ({module_type}) matched the targets of {names} but cannot take it: "
         "supported layers are Dense/Linear, DenseGeneral/LinearGeneral, Einsum, Conv and Embed. "
@@ -112,11 +135,14 @@ def plan_adapter(name: str, config: Any, paths: Sequence[str], describe: Describ
     chosen: dict[str, list[Method]] = {}
     optional: set[tuple[str, int]] = set()
     for placement in config.placements():
-        if placement.optional:
+        kind = getattr(placement, "kind", None)
+        if placement.optional or kind is not None:
             match = compile_selector(placement.targets)
             hits = [p for p in paths if match(p, None)]
         else:
             hits = select(list(paths), placement.targets, what=placement.what)
+        if kind is not None:
+            hits = _taps(hits, kind, placement, describe)
         for path in hits:
             methods = chosen.setdefault(path, [])
             if placement.optional:
@@ -139,6 +165,19 @@ def plan_adapter(name: str, config: Any, paths: Sequence[str], describe: Describ
         warnings.warn("; ".join(dict.fromkeys(str(n.message) for n in notes)), notes[0].category,
                       stacklevel=3)
     return AdapterPlan(name=name, config=config, sites=tuple(sites))
+
+
+def _taps(hits: list[str], kind: str, placement: Any, describe: Describe) -> list[str]:
+    """The paths among ``hits`` that are taps of ``kind`` (and pass ``placement.where``)."""
+    sites = {p: describe(p, kind) for p in hits}
+    taps = [p for p in hits if sites[p] is not None]
+    if not taps:
+        method = placement.method_for("")
+        raise errors.MissingHookError(
+            f"{type(method).__name__} attaches to {kind} taps, and the model has none among its "
+            f"{placement.what}. To add one: {HOOKS[kind]}")
+    where = getattr(placement, "where", None)
+    return [p for p in taps if where is None or where(sites[p])]
 
 
 def _usable(path, methods, optional, describe, module_type) -> list[Method]:

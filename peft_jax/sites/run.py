@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import jax.numpy as jnp
+
+from peft_jax import errors
 from peft_jax.methods.base import Params, Site, require_mergeable
 
 Entry = tuple[Any, Params, Params, Any]
@@ -32,6 +35,27 @@ def _wrap(entry: Entry, site: Site, inner: Callable, base: Params) -> Callable:
                             x, base, ctx)
 
     return call
+
+
+def init_shared(adapter: Any, next_key: Callable[[], Any]) -> tuple[Params, Params]:
+    """``(frozen, trainable)``: the shared state of every method of ``adapter``, one namespace
+    per adapter (``<adapter>/shared/<param>``); two methods may not share a name."""
+    frozen: Params = {}
+    trainable: Params = {}
+    owner: dict[str, Any] = {}
+    for method in adapter.methods:
+        sites = adapter.sites_of(method)
+        for store, values in ((frozen, method.init_shared(next_key(), sites, jnp.float32)),
+                              (trainable, method.init_shared_params(next_key(), sites, jnp.float32))):
+            for key, value in values.items():
+                if key in owner and owner[key] != method:
+                    raise errors.IncompatibleMethodsError(
+                        f"{type(owner[key]).__name__} and {type(method).__name__} in adapter "
+                        f"{adapter.name!r} both keep shared state named {key!r}; attach one of "
+                        "them as a second adapter")
+                owner[key] = method
+                store[key] = value
+    return frozen, trainable
 
 
 def run_site(entries: Sequence[Entry], site: Site, call: Callable, x: Any, base: Params) -> Any:
