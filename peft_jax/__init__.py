@@ -11,7 +11,7 @@ Example:
     trainable params: 32 || all params: 122 || trainable%: 26.2295
 """
 
-from peft_jax import errors, linen, nnx
+from peft_jax import errors, hooks, linen, nnx
 from peft_jax.core import (
     ParamSummary,
     Rules,
@@ -26,7 +26,9 @@ from peft_jax.core import (
 from peft_jax.methods import (
     IA3,
     OFT,
+    AdaptionPrompt,
     Beft,
+    Bottleneck,
     Dora,
     Gaussian,
     IA3Config,
@@ -39,18 +41,30 @@ from peft_jax.methods import (
     ModulesToSave,
     OLoRA,
     PiSSA,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
     TrainableTokens,
     TrainBias,
     Vera,
+    adapters,
+    at_taps,
     compose,
+    llama_adapter,
     loraplus,
+    mam,
+    p_tuning,
     place,
+    prefix_tuning,
+    prompt_tuning,
 )
 from peft_jax.train import make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptionPrompt", "Bottleneck", "PTuning", "PrefixTuning", "PromptTuning", "adapters", "at_taps",
+    "hooks", "llama_adapter", "mam", "p_tuning", "prefix_tuning", "prompt_tuning",
     "Beft", "Dora", "Gaussian", "IA3", "IA3Config", "KaimingUniform", "LnTuning", "LoHa", "LoKr",
     "Lora", "LoraConfig", "ModulesToSave", "OFT", "OLoRA", "ParamSummary", "PiSSA", "Rules",
     "TrainBias", "TrainableTokens", "Vera", "combine", "compose", "count_params", "errors",

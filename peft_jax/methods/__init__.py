@@ -4,6 +4,7 @@ A method is its config (a frozen keyword-only dataclass, see `Method`); `METHODS
 name each one is saved under to its class, and only ``io/`` reads it.
 """
 
+from peft_jax.methods.adaption_prompt import AdaptionPrompt
 from peft_jax.methods.base import (
     Context,
     LinearSite,
@@ -14,7 +15,16 @@ from peft_jax.methods.base import (
     is_mergeable,
 )
 from peft_jax.methods.beft import Beft
-from peft_jax.methods.config import Composed, IA3Config, LoraConfig, Placement, compose, place
+from peft_jax.methods.bottleneck import Bottleneck, double_seq_bn, par_bn, scaled_par_bn, seq_bn
+from peft_jax.methods.config import (
+    Composed,
+    IA3Config,
+    LoraConfig,
+    Placement,
+    at_taps,
+    compose,
+    place,
+)
 from peft_jax.methods.dora import Dora, column_norm, exact_column_norm
 from peft_jax.methods.ia3 import IA3
 from peft_jax.methods.initializers import Gaussian, KaimingUniform, OLoRA, PiSSA
@@ -23,17 +33,26 @@ from peft_jax.methods.lokr import LoKr
 from peft_jax.methods.lora import Lora
 from peft_jax.methods.loraplus import lora_b_labels, loraplus
 from peft_jax.methods.oft import OFT
+from peft_jax.methods.p_tuning import PTuning
+from peft_jax.methods.phm import Phm, compacter, compacter_pp
+from peft_jax.methods.prefix import PrefixPositions, PrefixTuning, fold
+from peft_jax.methods.prompt import PromptTuning
 from peft_jax.methods.raw_params import RawParamLora, target_parameters
+from peft_jax.methods.recipes import adapters, llama_adapter, mam, p_tuning, prefix_tuning, prompt_tuning
 from peft_jax.methods.selection import LnTuning, ModulesToSave, TrainBias, TrainCopy
 from peft_jax.methods.trainable_tokens import TrainableTokens
 from peft_jax.methods.vera import Vera
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Lora, Dora, IA3, Vera, LoHa, LoKr, OFT, Beft, TrainBias, LnTuning,
-                              ModulesToSave, TrainableTokens, RawParamLora)
+                              ModulesToSave, TrainableTokens, RawParamLora, Bottleneck, PromptTuning,
+                              PTuning, PrefixTuning, PrefixPositions, AdaptionPrompt)
 }
 
 __all__ = [
+    "AdaptionPrompt", "Bottleneck", "PTuning", "Phm", "PrefixPositions", "PrefixTuning", "PromptTuning",
+    "adapters", "at_taps", "compacter", "compacter_pp", "double_seq_bn", "fold", "llama_adapter", "mam",
+    "p_tuning", "par_bn", "prefix_tuning", "prompt_tuning", "scaled_par_bn", "seq_bn",
     "Beft", "Composed", "Context", "Dora", "Gaussian", "IA3", "IA3Config", "KaimingUniform",
     "LinearSite", "LnTuning", "LoHa", "LoKr", "Lora", "LoraConfig", "METHODS", "Mergeable",
     "Method", "ModuleSite", "ModulesToSave", "OFT", "OLoRA", "PiSSA", "Placement", "RawParamLora", "Site",

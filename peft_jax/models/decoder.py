@@ -2,7 +2,10 @@
 
 An ordinary NNX model built from ``nnx.Linear`` and ``nnx.Embed``; its module tree mirrors HF's,
 so HF PEFT target names work unchanged: ``layers/<i>/self_attn/{q,k,v,o}_proj`` and
-``layers/<i>/mlp/{gate,up,down}_proj``. Nothing in it knows about adapters.
+``layers/<i>/mlp/{gate,up,down}_proj``. It places the inert `peft_jax.hooks` taps that input,
+attention and residual methods attach to (``input_tap``, ``layers/<i>/self_attn/attention_tap``,
+``layers/<i>/{attention,ffn}_residual``) and ships its `ROLES`; otherwise nothing in it knows
+about adapters.
 
 Example:
     >>> import jax.numpy as jnp
@@ -25,12 +28,19 @@ from flax import nnx
 from jax import Array
 
 from peft_jax.errors import InvalidConfigError
+from peft_jax.hooks import AttentionTap, InputTap, ResidualTap, Roles, strip_virtual
+from peft_jax.methods.sites import Attention as AttentionCall
+from peft_jax.methods.sites import Inputs, Residual
 from peft_jax.models import rope
 from peft_jax.models.decoder_attention import attend, build_attention_mask
 from peft_jax.models.decoder_cache import KVCache
 from peft_jax.models.decoder_config import DecoderConfig, reference_config
 
-__all__ = ["Decoder", "DecoderConfig", "KVCache", "RMSNorm", "load_decoder", "reference_config"]
+__all__ = ["ROLES", "Decoder", "DecoderConfig", "KVCache", "RMSNorm", "load_decoder", "reference_config"]
+
+#: where the decoder's parts are, for configs that place methods by role.
+ROLES = Roles(attention=r"layers/\d+/attention_residual", ffn=r"layers/\d+/ffn_residual",
+              embed="embed_tokens", layers=r"layers/\d+", norms=r"(layers/\d+/.*layernorm|norm)")
 
 _init = nnx.initializers.normal(stddev=0.02)
 _UNSET = object()
@@ -162,6 +172,9 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
         self.softcap = c.attn_logit_softcap
+        self.attention_tap = AttentionTap(num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                                          head_dim=c.head_dim, index=layer, num_layers=c.num_layers,
+                                          features=c.hidden_size)
 
     def __call__(self, x: Array, angles: tuple[Array, Array], mask: Array,
                  kv: tuple[Array, Array] | None = None, offset: Array | None = None):
@@ -180,8 +193,21 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, offset, 0, 0))
             kv = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = attend(q, k, v, mask, scale=self.scale, softcap=self.softcap, causal=kv is None)
+        def attention(a: AttentionCall) -> Array:
+            return attend(a.query, a.key, a.value, a.mask, scale=self.scale, softcap=self.softcap,
+                          causal=kv is None)
+
+        out = self.attention_tap(AttentionCall(q, k, v, mask, hidden=x.reshape(b, t, -1),
+                                               project=self._project), attention)
         return self.o_proj(out.reshape(b * t, self.num_heads * self.head_dim)).reshape(b, t, -1), kv
+
+
+    def _project(self, h: Array) -> tuple[Array, Array]:
+        """Keys and values of hidden states ``[b, n, d]`` (no RoPE): LLaMA-Adapter's prompts."""
+        b, n, _ = h.shape
+        h = h.reshape(b * n, -1)
+        return (self.k_proj(h).reshape(b, n, self.num_kv_heads, self.head_dim),
+                self.v_proj(h).reshape(b, n, self.num_kv_heads, self.head_dim))
 
 
 class MLP(nnx.Module):
@@ -217,14 +243,17 @@ class DecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
         self.post_feedforward_layernorm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
         self.mlp = MLP(c, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attention_residual = ResidualTap(c.hidden_size, role="attention", index=layer)
+        self.ffn_residual = ResidualTap(c.hidden_size, role="ffn", index=layer)
 
     def __call__(self, x, angles, mask, kv=None, offset=None):
         h, kv = self.self_attn(self.input_layernorm(x), angles, mask, kv, offset)
         if self.pre_feedforward_layernorm is None:
-            x = x + h
-            return x + self.mlp(self.post_attention_layernorm(x)), kv
-        x = x + self.post_attention_layernorm(h)
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
+            x = self.attention_residual(Residual(h, x))
+            return self.ffn_residual(Residual(self.mlp(self.post_attention_layernorm(x)), x)), kv
+        x = self.attention_residual(Residual(self.post_attention_layernorm(h), x))
+        h = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return self.ffn_residual(Residual(h, x)), kv
 
 
 def _check_room(cache: KVCache, new_tokens: int) -> None:
@@ -278,6 +307,8 @@ class Decoder(nnx.Module):
         self.lm_head = None if c.tie_embeddings else nnx.Linear(
             c.hidden_size, c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
             kernel_init=_init, rngs=rngs)
+        self.input_tap = InputTap(features=c.hidden_size, vocab_size=c.vocab_size,
+                                  embed_path="embed_tokens")
 
     def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype | None = None) -> KVCache:
         """An empty :class:`KVCache` for ``batch_size`` rows of ``max_length`` tokens in total."""
@@ -308,18 +339,26 @@ class Decoder(nnx.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         b, t = x.shape[:2]
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        fresh = cache is None or not cache.started
+        inputs = self.input_tap(Inputs(x, mask, fresh=fresh))
+        virtual = inputs.embeds.shape[1] - t  # prompt tokens an input method put in front
+        x, mask, t = inputs.embeds, inputs.mask.astype(bool), inputs.embeds.shape[1]
+        shift = inputs.offset if fresh else 0  # prefix tokens counted in positions, as HF does
         if cache is None:
-            offset, start, key_valid = 0, jnp.zeros((b,), jnp.int32), mask
+            offset, start, key_valid = 0, jnp.full((b,), shift, jnp.int32), mask
         else:
             _check_room(cache, t)
-            offset, start = cache.length, cache.next_position
+            offset, start = cache.length, cache.next_position + shift
             key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.length))
-        default_positions = positions is None
+        default_positions = positions is None and not shift
         if positions is None:
             positions = jnp.maximum(start[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
             next_position = start + jnp.sum(mask, axis=1, dtype=jnp.int32)
         else:
-            positions = jnp.asarray(positions, jnp.int32)
+            positions = jnp.asarray(positions, jnp.int32) + virtual + shift
+            if virtual:
+                lead = jnp.broadcast_to(jnp.arange(virtual, dtype=jnp.int32) + shift, (b, virtual))
+                positions = jnp.concatenate([lead, positions], axis=1)
             next_position = positions[:, -1] + 1
         masks, tables = {}, {}
         new_keys, new_values = [], []
@@ -345,8 +384,8 @@ class Decoder(nnx.Module):
                 new_values.append(kv[1])
         if cache is not None:
             cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=key_valid,
-                            next_position=next_position, length=cache.length + t)
-        return self.norm(x), cache
+                            next_position=next_position, length=cache.length + t, started=True)
+        return strip_virtual(self.norm(x), virtual), cache
 
     def __call__(self, input_ids: Array | None = None, *, attention_mask: Array | None = None,
                  positions: Array | None = None, cache: KVCache | None = None,

@@ -32,6 +32,8 @@ class KVCache:
         valid: ``[batch, max_length]`` bool, True where a slot holds a real (non-padding) token.
         next_position: ``[batch]`` int32 RoPE position of each row's next token.
         length: Scalar int32, number of slots written so far (the next write index).
+        started: Static: whether a prefill has run (input methods prepend their virtual
+            tokens only before it).
     """
 
     keys: tuple[Array, ...]
@@ -39,6 +41,7 @@ class KVCache:
     valid: Array
     next_position: Array
     length: Array
+    started: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @classmethod
     def create(cls, config: DecoderConfig, batch_size: int, max_length: int,

@@ -5,8 +5,11 @@ The models are ordinary NNX modules built from ``nnx.Linear``, ``nnx.Embed`` and
 ``embeddings/word_embeddings``, ``encoder/layer/<i>/attention/self/query|key|value``,
 ``encoder/layer/<i>/attention/output/dense``, ``encoder/layer/<i>/intermediate/dense``,
 ``encoder/layer/<i>/output/dense`` and ``pooler/dense``. HF PEFT target names such as
-``["query", "value"]`` therefore select the same layers here. Nothing in the models knows about
-PEFT methods.
+``["query", "value"]`` therefore select the same layers here. The models place the inert
+`peft_jax.hooks` taps that input, attention and residual methods attach to (``input_tap``,
+``encoder/layer/<i>/attention/self/attention_tap``, ``.../attention/output/residual`` and
+``.../output/residual``) and ship their `ROLES`; otherwise nothing in them knows about PEFT
+methods.
 
 Dropout is functional: it is active only when a ``dropout_rng`` key is passed to ``__call__``, so
 a training step passes a fresh key per step and evaluation passes none. The models hold no RNG
@@ -40,9 +43,13 @@ import numpy as np
 from flax import nnx
 
 from peft_jax.errors import CheckpointError, InvalidConfigError, UnsupportedArchitectureError
+from peft_jax.hooks import AttentionTap, InputTap, ResidualTap, Roles, strip_virtual
+from peft_jax.methods.sites import Attention as AttentionCall
+from peft_jax.methods.sites import Inputs, Residual
 from peft_jax.models import checkpoint_files
 
 __all__ = [
+    "ROLES",
     "SUPPORTED_MODEL_TYPES",
     "Encoder",
     "EncoderConfig",
@@ -68,6 +75,12 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "swish": jax.nn.silu,
 }
 Pooling = Literal["cls", "mean", "pooler"]
+#: where an encoder's parts are (bare, or inside a classifier as ``bert/...``), for configs that
+#: place methods by role.
+ROLES = Roles(attention=r"(.+/)?encoder/layer/\d+/attention/output/residual",
+              ffn=r"(.+/)?encoder/layer/\d+/output/residual",
+              embed=r"(.+/)?embeddings/word_embeddings", layers=r"(.+/)?encoder/layer/\d+",
+              norms=r".*LayerNorm")
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -217,8 +230,10 @@ class Embeddings(nnx.Module):
         self.LayerNorm = _layer_norm(cfg, param_dtype, rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
 
-    def __call__(self, input_ids, token_type_ids, position_ids, key=None) -> jax.Array:
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+    def __call__(self, input_ids, token_type_ids, position_ids, key=None, *,
+                 inputs_embeds=None) -> jax.Array:
+        words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        x = (words + self.position_embeddings(position_ids)
              + self.token_type_embeddings(token_type_ids))
         return _dropout(self.dropout, _norm(self.LayerNorm, x), key)
 
@@ -226,13 +241,16 @@ class Embeddings(nnx.Module):
 class SelfAttention(nnx.Module):
     """Multi-head attention projections ``query``/``key``/``value`` and the masked softmax."""
 
-    def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: EncoderConfig, index: int = 0, *, dtype, param_dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.query = _linear(cfg, d, d, dtype, param_dtype, rngs)
         self.key = _linear(cfg, d, d, dtype, param_dtype, rngs)
         self.value = _linear(cfg, d, d, dtype, param_dtype, rngs)
         self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob)
+        self.attention_tap = AttentionTap(num_heads=self.num_heads, num_kv_heads=self.num_heads,
+                                          head_dim=cfg.head_dim, index=index,
+                                          num_layers=cfg.num_hidden_layers, features=d)
 
     def __call__(self, x: jax.Array, mask: jax.Array, key=None) -> jax.Array:
         b, t, d = x.shape
@@ -240,32 +258,46 @@ class SelfAttention(nnx.Module):
         q = self.query(x).reshape(b, t, h, d // h)
         k = self.key(x).reshape(b, t, h, d // h)
         v = self.value(x).reshape(b, t, h, d // h)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-        scores = scores * (1.0 / math.sqrt(d // h))
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = _dropout(self.dropout, jax.nn.softmax(scores, axis=-1).astype(v.dtype), key)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+
+        def attention(a: AttentionCall) -> jax.Array:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", a.query, a.key).astype(jnp.float32)
+            scores = scores * (1.0 / math.sqrt(d // h))
+            scores = jnp.where(a.mask[:, None], scores, jnp.finfo(jnp.float32).min)
+            probs = _dropout(self.dropout, jax.nn.softmax(scores, axis=-1).astype(a.value.dtype), key)
+            return jnp.einsum("bhqk,bkhd->bqhd", probs, a.value)
+
+        out = self.attention_tap(AttentionCall(q, k, v, mask[:, None, :], hidden=x,
+                                               project=self._project), attention)
+        return out.reshape(b, t, d)
+
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b, n, d = x.shape
+        h = self.num_heads
+        return self.key(x).reshape(b, n, h, d // h), self.value(x).reshape(b, n, h, d // h)
 
 
 class DenseOutput(nnx.Module):
     """``LayerNorm(residual + dropout(dense(x)))``: HF's ``BertSelfOutput`` / ``BertOutput``."""
 
-    def __init__(self, cfg: EncoderConfig, din: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: EncoderConfig, din: int, *, role: str, index: int, dtype, param_dtype,
+                 rngs: nnx.Rngs):
         self.dense = _linear(cfg, din, cfg.hidden_size, dtype, param_dtype, rngs)
         self.LayerNorm = _layer_norm(cfg, param_dtype, rngs)
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob)
+        self.residual = ResidualTap(cfg.hidden_size, role=role, index=index)
 
     def __call__(self, x: jax.Array, residual: jax.Array, key=None) -> jax.Array:
-        return _norm(self.LayerNorm, _dropout(self.dropout, self.dense(x), key) + residual)
+        y = _dropout(self.dropout, self.dense(x), key)
+        return self.residual(Residual(y, residual, lambda h: _norm(self.LayerNorm, h)))
 
 
 class Attention(nnx.Module):
     """``self`` (the attention) followed by ``output`` (projection, residual, LayerNorm)."""
 
-    def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.self = SelfAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.output = DenseOutput(cfg, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs)
+    def __init__(self, cfg: EncoderConfig, index: int = 0, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.self = SelfAttention(cfg, index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.output = DenseOutput(cfg, cfg.hidden_size, role="attention", index=index, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array, key=None) -> jax.Array:
         k1, k2 = _keys(key, 2)
@@ -287,10 +319,10 @@ class Intermediate(nnx.Module):
 class Layer(nnx.Module):
     """One transformer block: ``attention``, ``intermediate``, ``output``."""
 
-    def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.attention = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: EncoderConfig, index: int = 0, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.attention = Attention(cfg, index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.intermediate = Intermediate(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.output = DenseOutput(cfg, cfg.intermediate_size, dtype=dtype,
+        self.output = DenseOutput(cfg, cfg.intermediate_size, role="ffn", index=index, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array, key=None) -> jax.Array:
@@ -303,8 +335,8 @@ class Stack(nnx.Module):
     """The ``layer`` list (HF's ``BertEncoder``)."""
 
     def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.layer = nnx.List([Layer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                               for _ in range(cfg.num_hidden_layers)])
+        self.layer = nnx.List([Layer(cfg, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                               for i in range(cfg.num_hidden_layers)])
 
     def __call__(self, x: jax.Array, mask: jax.Array, key=None) -> jax.Array:
         for layer, k in zip(self.layer, _keys(key, len(self.layer)), strict=True):
@@ -347,14 +379,20 @@ class Encoder(nnx.Module):
         self.embeddings = Embeddings(config, **kw)
         self.encoder = Stack(config, **kw)
         self.pooler = Pooler(config, **kw) if config.add_pooler else None
+        self.input_tap = InputTap(features=config.hidden_size, vocab_size=config.vocab_size,
+                                  embed_path="embeddings/word_embeddings",
+                                  max_positions=config.max_position_embeddings
+                                  - config.position_offset)
 
-    def position_ids(self, input_ids: jax.Array) -> jax.Array:
-        """BERT: ``0..T-1``. RoBERTa: count of non-pad tokens so far, offset by padding_idx."""
+    def position_ids(self, input_ids: jax.Array, start: int = 0) -> jax.Array:
+        """BERT: ``start..start+T-1``. RoBERTa: count of non-pad tokens so far (from
+        ``start``), offset by padding_idx."""
         cfg = self.config
         if cfg.model_type in _ROBERTA_LIKE:
             not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
-            return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
-        return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+            return (jnp.cumsum(not_pad, axis=1) + start) * not_pad + cfg.pad_token_id
+        return jnp.broadcast_to(jnp.arange(start, start + input_ids.shape[1], dtype=jnp.int32),
+                                input_ids.shape)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, position_ids: jax.Array | None = None,
@@ -376,11 +414,24 @@ class Encoder(nnx.Module):
                 else attention_mask.astype(bool))
         if token_type_ids is None:
             token_type_ids = jnp.zeros(input_ids.shape, jnp.int32)
-        if position_ids is None:
-            position_ids = self.position_ids(input_ids)
         k_emb, k_enc = _keys(dropout_rng, 2)
-        h = self.embeddings(input_ids, token_type_ids, position_ids, k_emb)
-        h = self.encoder(h, mask, k_enc)
+        t = input_ids.shape[1]
+        inputs = self.input_tap(Inputs(self.embeddings.word_embeddings(input_ids), mask))
+        virtual = inputs.embeds.shape[1] - t  # prompt tokens an input method put in front
+        shift = virtual + inputs.offset
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids, shift)
+        else:
+            position_ids = jnp.asarray(position_ids, jnp.int32) + shift
+        if virtual:  # virtual tokens: positions before the real ones, segment 0
+            cfg = self.config
+            lead = jnp.arange(inputs.offset, shift, dtype=jnp.int32) + cfg.position_offset
+            position_ids = jnp.concatenate(
+                [jnp.broadcast_to(lead, (input_ids.shape[0], virtual)), position_ids], axis=1)
+            token_type_ids = jnp.concatenate(
+                [jnp.zeros((input_ids.shape[0], virtual), token_type_ids.dtype), token_type_ids], axis=1)
+        h = self.embeddings(None, token_type_ids, position_ids, k_emb, inputs_embeds=inputs.embeds)
+        h = strip_virtual(self.encoder(h, inputs.mask.astype(bool), k_enc), virtual)
         return EncoderOutput(h, None if self.pooler is None else self.pooler(h))
 
 
