@@ -2,7 +2,9 @@
 
 The two small models use Dense, DenseGeneral, Einsum, Conv, Embed (also as a tied head through
 ``attend``), a LayerNorm (unsupported for LoRA) and a plain Dense head, with the same layer names
-in NNX and Linen so a single contract matrix drives both front-ends.
+in NNX and Linen so a single contract matrix drives both front-ends. Two more, a one-block
+transformer in NNX and in Linen, opt in to the input, attention and residual methods by placing
+`peft_jax.hooks` taps (and name their parts in `TAP_ROLES`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,85 @@ from flax import linen as nn
 from flax import nnx
 
 import peft_jax
+from peft_jax import hooks
+from peft_jax.hooks import linen as linen_hooks
+from peft_jax.methods.sites import Attention, Inputs, Residual
 
 VOCAB, WIDTH, SEQ, BATCH = 16, 8, 5, 2
+HEADS, MAX_POSITIONS = 2, 32
 ADAPTABLE = ["embed", "dense", "general", "einsum", "conv"]
+TAP_ROLES = hooks.Roles(attention="attention_residual", ffn="ffn_residual", embed="embed",
+                        norms=["norm1", "norm2"])
+
+
+def _attend(a: Attention):
+    scores = jnp.einsum("bqhd,bkhd->bhqk", a.query, a.key) / jnp.sqrt(a.query.shape[-1])
+    scores = jnp.where(a.mask[:, None], scores, -1e9)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), a.value)
+
+
+def _heads(x):
+    return x.reshape(*x.shape[:-1], HEADS, WIDTH // HEADS)
+
+
+class NnxTapNet(nnx.Module):
+    """One transformer block a user wrote, with the three taps placed."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(VOCAB, WIDTH, rngs=rngs)
+        self.input_tap = hooks.InputTap(features=WIDTH, vocab_size=VOCAB, embed_path="embed",
+                                        max_positions=MAX_POSITIONS)
+        self.q, self.k, self.v, self.o = (nnx.Linear(WIDTH, WIDTH, rngs=rngs) for _ in range(4))
+        self.attention_tap = hooks.AttentionTap(num_heads=HEADS, num_kv_heads=HEADS,
+                                                head_dim=WIDTH // HEADS, features=WIDTH)
+        self.norm1, self.norm2 = nnx.LayerNorm(WIDTH, rngs=rngs), nnx.LayerNorm(WIDTH, rngs=rngs)
+        self.attention_residual = hooks.ResidualTap(WIDTH, role="attention")
+        self.up, self.down = nnx.Linear(WIDTH, 2 * WIDTH, rngs=rngs), nnx.Linear(2 * WIDTH, WIDTH, rngs=rngs)
+        self.ffn_residual = hooks.ResidualTap(WIDTH, role="ffn")
+        self.head = nnx.Linear(WIDTH, 3, rngs=rngs)
+
+    def __call__(self, ids):
+        t = ids.shape[1]
+        inputs = self.input_tap(Inputs(self.embed(ids), jnp.ones(ids.shape, bool)))
+        x, virtual = inputs.embeds, inputs.embeds.shape[1] - t
+
+        def project(h):
+            return _heads(self.k(h)), _heads(self.v(h))
+
+        a = self.attention_tap(Attention(_heads(self.q(x)), *project(x), inputs.mask[:, None],
+                                         hidden=x, project=project), _attend)
+        h = self.attention_residual(Residual(self.o(a.reshape(x.shape)), x, self.norm1))
+        h = self.ffn_residual(Residual(self.down(nnx.relu(self.up(h))), h, self.norm2))
+        return self.head(h)[:, virtual:]
+
+
+class LinenTapNet(nn.Module):
+    """The same block in Linen, with `peft_jax.hooks.linen` taps."""
+
+    @nn.compact
+    def __call__(self, ids):
+        t = ids.shape[1]
+        embed = nn.Embed(VOCAB, WIDTH, name="embed")
+        tap = linen_hooks.InputTap(features=WIDTH, vocab_size=VOCAB, embed_path="embed",
+                                   max_positions=MAX_POSITIONS, name="input_tap")
+        inputs = tap(Inputs(embed(ids), jnp.ones(ids.shape, bool)))
+        x, virtual = inputs.embeds, inputs.embeds.shape[1] - t
+        q, k, v, o = (nn.Dense(WIDTH, name=n) for n in "qkvo")
+
+        def project(h):
+            return _heads(k(h)), _heads(v(h))
+
+        attention_tap = linen_hooks.AttentionTap(num_heads=HEADS, num_kv_heads=HEADS,
+                                                 head_dim=WIDTH // HEADS, features=WIDTH,
+                                                 name="attention_tap")
+        a = attention_tap(Attention(_heads(q(x)), *project(x), inputs.mask[:, None], hidden=x,
+                                    project=project), _attend)
+        norm1, norm2 = nn.LayerNorm(name="norm1"), nn.LayerNorm(name="norm2")
+        h = linen_hooks.ResidualTap(WIDTH, "attention", name="attention_residual")(
+            Residual(o(a.reshape(x.shape)), x, norm1))
+        ffn = nn.Dense(WIDTH, name="down")(nn.relu(nn.Dense(2 * WIDTH, name="up")(h)))
+        h = linen_hooks.ResidualTap(WIDTH, "ffn", name="ffn_residual")(Residual(ffn, h, norm2))
+        return nn.Dense(3, name="head")(h)[:, virtual:]
 
 
 class NnxNet(nnx.Module):
@@ -66,8 +144,8 @@ class NnxHarness:
 
     name = "nnx"
 
-    def __init__(self):
-        self.model = NnxNet(nnx.Rngs(0))
+    def __init__(self, taps: bool = False):
+        self.model = (NnxTapNet if taps else NnxNet)(nnx.Rngs(0))
 
     def attach(self, config, name="default"):
         peft_jax.nnx.attach(self.model, config, rngs=nnx.Rngs(1), name=name)
@@ -118,8 +196,8 @@ class LinenHarness:
 
     name = "linen"
 
-    def __init__(self):
-        self.module = LinenNet()
+    def __init__(self, taps: bool = False):
+        self.module = LinenTapNet() if taps else LinenNet()
         self.variables = self.module.init(jax.random.key(0), batch()["ids"])
         self.peft = None
         self.rngs = None

@@ -19,9 +19,20 @@ import pytest
 from jax._src import dispatch, monitoring
 
 import peft_jax
-from frontends import ADAPTABLE, HARNESSES, batch, train
+from frontends import ADAPTABLE, HARNESSES, TAP_ROLES, batch, train
 from peft_jax import errors
-from peft_jax.methods import IA3, OFT, Beft, LnTuning, LoHa, LoKr, TrainableTokens, TrainBias, Vera
+from peft_jax.methods import (
+    IA3,
+    OFT,
+    Beft,
+    Bottleneck,
+    LnTuning,
+    LoHa,
+    LoKr,
+    TrainableTokens,
+    TrainBias,
+    Vera,
+)
 
 P = peft_jax.place
 LINEARS = ["dense", "general", "einsum", "conv"]  # the adaptable layers that are not the embedding
@@ -63,6 +74,42 @@ CASES = {
 }
 
 
+# The tap model (a user's transformer block with the three taps): id -> (config, the sites it
+# must adapt, whether it starts at the base outputs, the method a merge must refuse by name).
+# Bottleneck adapters start at identity with the up projection at zero ("zero_up", "mam_adapter").
+ZERO = dict(init_weights="zero_up")
+TAP_CASES = {
+    "seq_bn": (peft_jax.adapters("seq_bn", roles=TAP_ROLES, reduction_factor=2, **ZERO),
+               ["ffn_residual"], True, "Bottleneck"),
+    "double_seq_bn": (peft_jax.adapters("double_seq_bn", roles=TAP_ROLES, reduction_factor=2,
+                                        train_norms=True, **ZERO),
+                      ["attention_residual", "ffn_residual", "norm1", "norm2"], True, "Bottleneck"),
+    "par_bn": (peft_jax.adapters("par_bn", roles=TAP_ROLES), ["ffn_residual"], True, "Bottleneck"),
+    "scaled_par_bn_gated": (peft_jax.adapters("scaled_par_bn", roles=TAP_ROLES, use_gating=True),
+                            ["ffn_residual"], True, "Bottleneck"),
+    "compacter": (peft_jax.adapters("compacter", roles=TAP_ROLES, reduction_factor=2, **ZERO),
+                  ["attention_residual", "ffn_residual"], True, "Bottleneck"),
+    "compacter++": (peft_jax.adapters("compacter++", roles=TAP_ROLES, reduction_factor=2, **ZERO),
+                    ["ffn_residual"], True, "Bottleneck"),
+    "adapter_on_module": (P(["down"], Bottleneck(reduction_factor=2, **ZERO)), ["down"], True, "Bottleneck"),
+    "prompt_tuning": (peft_jax.prompt_tuning(3, prompt_init="vocab"), ["input_tap"], False, "PromptTuning"),
+    "p_tuning_lstm": (peft_jax.p_tuning(3, encoder="lstm", encoder_hidden_size=4), ["input_tap"], False,
+                      "PTuning"),
+    "prefix_tuning": (peft_jax.prefix_tuning(2), ["attention_tap", "input_tap"], False, "Prefix"),
+    "prefix_projection": (peft_jax.prefix_tuning(2, projection=True, encoder_hidden_size=6),
+                          ["attention_tap", "input_tap"], False, "Prefix"),
+    "llama_adapter": (peft_jax.llama_adapter(3, 1), ["attention_tap"], True, "AdaptionPrompt"),
+    "mam": (peft_jax.mam(roles=TAP_ROLES, prefix_length=2, bottleneck_size=6),
+            ["attention_tap", "ffn_residual"], False, "PrefixTuning"),
+    "lora_and_prompt": (peft_jax.compose(peft_jax.LoraConfig(targets=["q", "v"], rank=2),
+                                         peft_jax.prompt_tuning(2)),
+                        ["input_tap", "q", "v"], False, "PromptTuning"),
+    "adapters_and_lora": (peft_jax.compose(peft_jax.LoraConfig(targets=["up"], rank=2),
+                                           peft_jax.adapters("seq_bn", roles=TAP_ROLES, reduction_factor=2, **ZERO)),
+                          ["ffn_residual", "up"], True, "Bottleneck"),
+}
+
+
 def _leaves(tree):
     def host(x):
         is_key = jnp.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
@@ -91,14 +138,28 @@ def compile_log():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_contract(case, front, jit):
     config, sites, mergeable = CASES[case]
-    harness = HARNESSES[front]()
+    check_contract(HARNESSES[front](), config, sites, jit, identity=True,
+                   refuses=None if mergeable else "BEFT on 'embed'")
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+@pytest.mark.parametrize("front", sorted(HARNESSES))
+@pytest.mark.parametrize("case", sorted(TAP_CASES))
+def test_tap_contract(case, front, jit):
+    config, sites, identity, refuses = TAP_CASES[case]
+    check_contract(HARNESSES[front](taps=True), config, sites, jit, identity=identity, refuses=refuses)
+
+
+def check_contract(harness, config, sites, jit, *, identity: bool, refuses: str | None):
+    """The contract on one harness; ``refuses`` names the method a merge must refuse."""
     ids = batch()["ids"]
     before = harness.forward(ids, jit)
     harness.attach(config)
     assert harness.adapted_paths() == sorted(sites)
 
-    # Every method here starts where the base model was (PiSSA / OLoRA up to rounding).
-    np.testing.assert_allclose(harness.forward(ids, jit), before, atol=1e-5)
+    initial = harness.forward(ids, jit)
+    if identity:  # where promised, methods start at the base outputs (PiSSA / OLoRA up to rounding)
+        np.testing.assert_allclose(initial, before, atol=1e-5)
 
     trainable0, frozen0, _ = harness.split()
     trainable0, frozen0 = _leaves(trainable0), _leaves(frozen0)
@@ -121,8 +182,8 @@ def test_contract(case, front, jit):
     with harness.disabled():
         np.testing.assert_allclose(harness.forward(ids, jit), harness.base_forward(ids), atol=1e-6)
 
-    if not mergeable:
-        with pytest.raises(errors.NotMergeableError, match="BEFT on 'embed'"):
+    if refuses is not None:
+        with pytest.raises(errors.NotMergeableError, match=refuses):
             harness.merge(keep_original=True)
         np.testing.assert_allclose(harness.forward(ids, jit), adapted, atol=1e-6)  # nothing changed
         return

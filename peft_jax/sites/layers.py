@@ -74,4 +74,8 @@ def describe(path: str, kind: str, *, op_of: Callable[[], LinearOp | None], laye
         except errors.UnsupportedLayerError as e:
             raise errors.UnsupportedLayerError(f"layer {path!r} ({layer}): {e}") from None
         return None if op is None else LinearSite(path=path, op=op, layer=layer, has_bias=has_bias)
-    return ModuleSite(path=path, layer=layer, param_shapes=param_shapes())
+    try:
+        op = op_of()
+    except errors.UnsupportedLayerError:
+        op = None
+    return ModuleSite(path=path, layer=layer, param_shapes=param_shapes(), op=op)
