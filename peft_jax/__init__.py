@@ -58,13 +58,15 @@ from peft_jax.methods import (
     prefix_tuning,
     prompt_tuning,
 )
+from peft_jax.sites.composition import Average, Parallel, Stack, replicate
 from peft_jax.train import make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptionPrompt", "Bottleneck", "PTuning", "PrefixTuning", "PromptTuning", "adapters", "at_taps",
-    "hooks", "llama_adapter", "mam", "p_tuning", "prefix_tuning", "prompt_tuning",
+    "Average", "Parallel", "Stack", "replicate", "hooks", "llama_adapter", "mam", "p_tuning",
+    "prefix_tuning", "prompt_tuning",
     "Beft", "Dora", "Gaussian", "IA3", "IA3Config", "KaimingUniform", "LnTuning", "LoHa", "LoKr",
     "Lora", "LoraConfig", "ModulesToSave", "OFT", "OLoRA", "ParamSummary", "PiSSA", "Rules",
     "TrainBias", "TrainableTokens", "Vera", "combine", "compose", "count_params", "errors",

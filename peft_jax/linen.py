@@ -48,6 +48,7 @@ from peft_jax.sites import (
     run_site,
     unmerge_site,
 )
+from peft_jax.sites.composition import Block, as_block, run_block
 from peft_jax.sites.layers import KINDS, contraction_op, conv_op, describe, einsum_op
 
 COLLECTION = "adapters"
@@ -226,9 +227,10 @@ class Peft:
         return out
 
     # -- running ----------------------------------------------------------------------------------
-    def apply(self, variables: dict, *args: Any, active: Iterable[str] | None = None,
+    def apply(self, variables: dict, *args: Any, active: Iterable[str] | Block | None = None,
               enabled: bool = True, rngs: dict | None = None, **kwargs: Any) -> Any:
-        """Runs the module with its adapters (``active`` names only, if given).
+        """Runs the module with its adapters (``active`` names only, if given, or combined by a
+        composition block: `Stack`, `Parallel`, `Average` from `peft_jax.sites.composition`).
 
         Dropout inside methods is on when ``rngs`` holds a ``"dropout"`` key. With
         ``enabled=False`` (or after `merge`) the module runs on its own params. An unplanned
@@ -237,6 +239,10 @@ class Peft:
         if not enabled or RECORD in variables:
             return self.module.apply(_base_only(variables), *args, rngs=rngs, **kwargs)
         planned = self if self.plans is not None else self.plan(variables, *args, **kwargs)
+        block = as_block(active)
+        if block is not None:
+            block.check([a.name for a in planned._require_plans()])
+            active = block.names
         live = planned._select(active)
         by_path: dict[str, list] = {}
         for adapter in live:
@@ -252,22 +258,32 @@ class Peft:
             site = by_path[path][0][1].site
             base = _module_base(module, site)
             noisy = module.has_rng("dropout")
-            entries = []
+            groups: dict[str, list] = {}
             for name, s in by_path[path]:
                 values = _nested_get(adapters, f"{path}/{name}")
                 key = module.make_rng("dropout") if noisy and any(m.needs_rng for m in s.methods) else None
                 for i, (method, own) in enumerate(s.owned(values)):
                     ctx = Context(None if key is None else jax.random.fold_in(key, i))
-                    entries.append((method, own, _shared(variables, name), ctx))
+                    groups.setdefault(name, []).append((method, own, _shared(variables, name), ctx))
+            entries = [e for group in groups.values() for e in group]
             x, rest = call_args[0], call_args[1:]
             if context.method_name == "attend":
                 return attend_site(entries, site, x, next_fun(*call_args, **call_kwargs), base)
 
+            calls = []
+
             def call(y, params=None):
-                if params is None:
+                # Linen runs a module's body once per call: Average / Parallel, which call the
+                # base once per adapter, run the later ones on a detached copy.
+                if params is None and not calls:
+                    calls.append(1)
                     return next_fun(y, *rest, **call_kwargs)
+                if params is None:
+                    params = meta.unbox(dict(module.variables.get("params", {})))
                 return module.clone(parent=None).apply({"params": params}, y, *rest, **call_kwargs)
 
+            if block is not None:
+                return run_block(block, groups, site, call, x, base)
             return run_site(entries, site, call, x, base)
 
         with nn.intercept_methods(intercept):

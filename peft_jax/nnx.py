@@ -42,6 +42,7 @@ from peft_jax.sites import (
     run_site,
     unmerge_site,
 )
+from peft_jax.sites.composition import Block, as_block, run_block
 from peft_jax.sites.layers import contraction_op, conv_op, describe, einsum_op
 
 
@@ -160,6 +161,7 @@ class AdaptedLayer(nnx.Module):
         self.adapter_order: tuple[str, ...] = ()
         self.enabled = True
         self.merge_record = nnx.data(None)
+        self.composition = None  # a composition Block (Stack / Parallel / Average), or None
 
     @property
     def kernel(self) -> nnx.Variable:
@@ -200,6 +202,9 @@ class AdaptedLayer(nnx.Module):
                 return self.base_layer(y, *args, **kwargs)
             return _call_with(self.base_layer, params, y, args, kwargs)
 
+        if self.composition is not None:
+            groups = {name: slot.entries() for name, slot in self.slots() if slot in live}
+            return run_block(self.composition, groups, self.site, call, x, self._base())
         entries = [e for slot in live for e in slot.entries()]
         return run_site(entries, self.site, call, x, self._base())
 
@@ -358,13 +363,23 @@ def _init_base(model: nnx.Module, layer: AdaptedLayer) -> dict:
     return {"embedding": table[...]}
 
 
-def set_active(model: nnx.Module, names: str | list[str] | None) -> None:
-    """Runs only the named adapters (``None``: all of them)."""
+def set_active(model: nnx.Module, names: str | list[str] | Block | None) -> None:
+    """Runs only the named adapters (``None``: all of them, in attach order), or combines them
+    by a composition block (`Stack`, `Parallel`, `Average` from `peft_jax.sites.composition`).
+
+    Example:
+        >>> # set_active(model, Average("task_a", "task_b", weights=(0.7, 0.3)))
+    """
+    block = as_block(names)
+    if block is not None:
+        block.check(adapter_names(model))
+        names = list(block.names)
     wanted = None if names is None else ({names} if isinstance(names, str) else set(names))
     known = adapter_names(model)
     if wanted is not None and not wanted <= known:
         raise errors.AdapterNameError(f"no adapter named {sorted(wanted - known)}; attached: {sorted(known)}")
     for _, layer in adapted_layers(model):
+        layer.composition = block
         for key, slot in layer.slots():
             slot.active = wanted is None or key in wanted
 
@@ -397,6 +412,10 @@ def merge(model: nnx.Module, *, keep_original: bool = True) -> nnx.Module:
     """
     work = []
     for _, layer in adapted_layers(model):
+        if layer.composition is not None:
+            raise errors.NotMergeableError(
+                f"adapters combined by {layer.composition!r} cannot be merged into one set of "
+                "weights; set_active(model, None) (or names) before merging")
         live = layer._live()
         if live:
             entries = [e for slot in live for e in slot.entries()]

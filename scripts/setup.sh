@@ -20,3 +20,5 @@ if [ "${1:-}" = "test" ] && [ ! -f .venv/.peft_jax_test_2 ]; then
   $PIP install "torch==2.13.0" transformers peft
   touch .venv/.peft_jax_test_2
 fi
+# AdapterHub's parity tests need transformers 4.57, so AdapterHub lives in its own venv.
+if [ "${1:-}" = "test" ]; then bash scripts/setup_adapterhub.sh; fi
