@@ -366,6 +366,43 @@ class Peft:
         merged = self.merge(variables, keep_original=False) if merge_adapters else variables
         return _base_only(merged)
 
+    def fold(self, variables: dict) -> tuple["Peft", dict]:
+        """``(handle, variables)`` with methods that have a cheaper form of identical outputs
+        replaced by it (prefix tuning's MLP -> flat per-layer prefixes), as `peft_jax.nnx.fold`.
+
+        Example:
+            >>> # peft, variables = peft.fold(variables)
+        """
+        plans, out = [], dict(variables)
+        for adapter in self._require_plans():
+            sites = list(adapter.sites)
+            for method in adapter.methods:
+                chosen = [i for i, s in enumerate(sites) if method in s.methods]
+                params = {sites[i].path: dict(sites[i].owned(
+                    _nested_get(out[COLLECTION], f"{sites[i].path}/{adapter.name}"))[sites[i].methods.index(method)][1])
+                    for i in chosen}
+                site_list = [sites[i].site for i in chosen]
+                folded = method.fold(_shared(out, adapter.name), site_list, params)
+                if folded is None:
+                    continue
+                new, per_site = folded
+                for i in chosen:
+                    s = sites[i]
+                    where = f"{s.path}/{adapter.name}"
+                    values = {k: v for k, v in _nested_get(out[COLLECTION], where).items()
+                              if k not in params[s.path]}
+                    out[COLLECTION] = _nested_set(out[COLLECTION], where, {**values, **per_site[s.path]})
+                    methods = tuple(new if m == method else m for m in s.methods)
+                    s = dataclasses.replace(s, methods=methods)
+                    sites[i] = dataclasses.replace(s, keys=tuple(
+                        tuple(per_site[s.path]) if m == new else k for m, k in zip(s.methods, s.keys)))
+                dropped = method.shared_keys(site_list) - new.shared_keys(site_list)
+                shared = {k: v for k, v in out.get(SHARED_PARAMS, {}).get(adapter.name, {}).items()
+                          if k not in dropped}
+                out[SHARED_PARAMS] = {**out.get(SHARED_PARAMS, {}), adapter.name: shared}
+            plans.append(dataclasses.replace(adapter, sites=tuple(sites)))
+        return dataclasses.replace(self, plans=tuple(plans)), out
+
     # -- the canonical layout ---------------------------------------------------------------------
     def adapter_state(self, variables: dict, name: str | None = None) -> dict[str, jax.Array]:
         """``{"<site path>/<adapter>/<param>": array}`` (+ ``"<adapter>/shared/<param>"``), the

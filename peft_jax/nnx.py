@@ -464,6 +464,49 @@ def unload(model: nnx.Module, *, merge_adapters: bool = True) -> nnx.Module:
     return model
 
 
+def fold(model: nnx.Module) -> nnx.Module:
+    """Replaces methods that have a cheaper form with identical outputs by it, in place (prefix
+    tuning's reparameterization MLP becomes flat per-layer prefixes: what HF PEFT saves).
+
+    Example:
+        >>> # fold(model); logits are unchanged and the MLP's params are gone
+    """
+    for adapter in sorted(adapter_names(model)):
+        slots = {path: getattr(layer, adapter) for path, layer in adapted_layers(model)
+                 if adapter in layer.adapter_order}
+        sites = {path: layer.site for path, layer in adapted_layers(model) if path in slots}
+        methods = dict.fromkeys(m for slot in slots.values() for m in slot.methods)
+        for method in methods:
+            paths = [p for p, slot in slots.items() if method in slot.methods]
+            bank = slots[paths[0]].shared
+            params = {p: _slot_params(slots[p], method) for p in paths}
+            folded = method.fold({} if bank is None else bank.all(), [sites[p] for p in paths], params)
+            if folded is None:
+                continue
+            new, per_site = folded
+            for p in paths:
+                _replace_method(slots[p], method, new, per_site[p])
+            if bank is not None:
+                for key in method.shared_keys([sites[p] for p in paths]) - new.shared_keys([sites[p] for p in paths]):
+                    del bank.params[key]
+    return model
+
+
+def _slot_params(slot: AdapterSlot, method: Method) -> dict:
+    names = slot.param_names[slot.methods.index(method)]
+    return {k: _values(getattr(slot, k)) for k in names}
+
+
+def _replace_method(slot: AdapterSlot, old: Method, new: Method, params: dict) -> None:
+    i = slot.methods.index(old)
+    for key in slot.param_names[i]:
+        delattr(slot, key)
+    for key, value in params.items():
+        setattr(slot, key, _variables(value, AdapterParam) if isinstance(value, dict) else AdapterParam(value))
+    slot.methods = (*slot.methods[:i], new, *slot.methods[i + 1:])
+    slot.param_names = (*slot.param_names[:i], tuple(params), *slot.param_names[i + 1:])
+
+
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """``(graphdef, trainable, frozen)``: trainable is every ``nnx.LoRAParam`` (adapters and
     biases trained in place); frozen is all other state. ``nnx.merge(graphdef, trainable,

@@ -177,6 +177,9 @@ class NnxHarness:
     def merge(self, keep_original=True):
         peft_jax.nnx.merge(self.model, keep_original=keep_original)
 
+    def fold(self):
+        peft_jax.nnx.fold(self.model)
+
     def unmerge(self):
         peft_jax.nnx.unmerge(self.model)
 
@@ -244,6 +247,9 @@ class LinenHarness:
 
     def merge(self, keep_original=True):
         self.variables = self.peft.merge(self.variables, keep_original=keep_original)
+
+    def fold(self):
+        self.peft, self.variables = self.peft.fold(self.variables)
 
     def unmerge(self):
         self.variables = self.peft.unmerge(self.variables)

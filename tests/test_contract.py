@@ -1,10 +1,10 @@
 """The contract every method keeps, on both front-ends, with and without jit.
 
 One list of cases (every method, a few combinations) x {nnx, linen} x {jit, no jit}: initial
-outputs equal the base, merged == unmerged for mergeable methods (a typed error for the others),
-unmerge restores the base bitwise when recorded, disabled == base, frozen leaves bitwise
-unchanged and every trainable leaf moved after training, and no recompilation on the second step
-(counted from JAX's compile events).
+outputs equal the base where promised, fold() leaves outputs unchanged, merged == unmerged for
+mergeable methods (a typed error for the others), unmerge restores the base bitwise when
+recorded, disabled == base, frozen leaves bitwise unchanged and every trainable leaf moved after
+training, and no recompilation on the second step (counted from JAX's compile events).
 """
 
 from __future__ import annotations
@@ -179,6 +179,8 @@ def check_contract(harness, config, sites, jit, *, identity: bool, refuses: str 
     harness.eval()
     adapted = harness.forward(ids, jit)
     assert float(jnp.max(jnp.abs(adapted - before))) > 1e-4, "training did not change the outputs"
+    harness.fold()  # prefix tuning's MLP -> flat prefixes; a no-op for the others
+    np.testing.assert_allclose(harness.forward(ids, jit), adapted, atol=1e-6)
     with harness.disabled():
         np.testing.assert_allclose(harness.forward(ids, jit), harness.base_forward(ids), atol=1e-6)
 

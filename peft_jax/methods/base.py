@@ -159,6 +159,19 @@ class Method:
         """A term to add to the loss (AdaLoRA's orthogonality), or ``None``."""
         return None
 
+    def fold(self, shared: Params, sites: list[Site], params: dict[str, Params]
+             ) -> tuple["Method", dict[str, Params]] | None:
+        """A cheaper method with identical outputs and its params per site path (prefix
+        tuning's MLP evaluated once into flat prefixes), or ``None`` when there is nothing to
+        fold. Front-ends' ``fold`` calls it; shared params the new method does not use go."""
+        return None
+
+    def shared_keys(self, sites: list[Site]) -> set[str]:
+        """Names of the trainable shared params this method keeps (``init_shared_params``)."""
+        import jax.numpy as jnp
+
+        return set(jax.eval_shape(lambda: self.init_shared_params(jax.random.key(0), sites, jnp.float32)))
+
 
 class Mergeable:
     """Mixin of methods whose effect folds into the site's base arrays."""

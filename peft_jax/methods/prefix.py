@@ -85,7 +85,7 @@ from peft_jax import errors
 from peft_jax.methods.base import Attention, AttentionSite, Context, Inputs, Method, Params
 from peft_jax.methods.lora import check_positive_int, check_rate, input_dropout
 
-__all__ = ["PrefixPositions", "PrefixTuning", "fold", "from_prompt_embeddings", "kv_geometry",
+__all__ = ["PrefixPositions", "PrefixTuning", "fold", "fold_prefix", "from_prompt_embeddings", "kv_geometry",
            "to_prompt_embeddings"]
 
 INITS = (None, "zero")
@@ -189,6 +189,10 @@ class PrefixTuning(Method):
     def gates(self) -> int:
         """``G``: the gate's outputs (1 with ``shared_gating``, else 2; 0 without gating)."""
         return 0 if not self.use_gating else 1 if self.shared_gating else 2
+
+    def fold(self, shared: Params, sites, params):
+        """`fold` as the front-ends call it: ``None`` when already flat."""
+        return None if not self.projection else fold_prefix(self, shared, sites, params)
 
     def positions(self) -> "PrefixPositions":
         """The input-tap companion that starts the real tokens' positions after the prefix.
@@ -401,7 +405,7 @@ class PrefixPositions(Method):
         return call(x._replace(offset=x.offset + self.num_virtual_tokens))
 
 
-def fold(method: PrefixTuning, shared: Params, sites: Sequence[AttentionSite],
+def fold_prefix(method: PrefixTuning, shared: Params, sites: Sequence[AttentionSite],
          params: Mapping[str, Params] | None = None) -> tuple[PrefixTuning, dict[str, Params]]:
     """The flat form of a reparameterized prefix: ``(PrefixTuning(projection=False, ...),
     {site.path: params})`` with identical outputs (the MLP evaluated once; HF saves exactly this).
@@ -416,7 +420,7 @@ def fold(method: PrefixTuning, shared: Params, sites: Sequence[AttentionSite],
         ...                        head_dim=4, index=i, num_layers=2) for i in range(2)]
         >>> method = PrefixTuning(num_virtual_tokens=3, projection=True)
         >>> shared = method.init_shared_params(jax.random.key(0), sites, jnp.float32)
-        >>> flat, per_site = fold(method, shared, sites)
+        >>> flat, per_site = fold_prefix(method, shared, sites)
         >>> flat.projection, sorted(per_site["l1"]), per_site["l1"]["prefix_key"].shape
         (False, ['prefix_key', 'prefix_value'], (3, 1, 4))
     """
@@ -429,6 +433,9 @@ def fold(method: PrefixTuning, shared: Params, sites: Sequence[AttentionSite],
         pk, pv = method.prefix({}, shared, site)
         out[site.path] = {**params.get(site.path, {}), "prefix_key": pk, "prefix_value": pv}
     return dataclasses.replace(method, projection=False, encoder_hidden_size=None), out
+
+
+fold = fold_prefix  # the name the method tables export
 
 
 def to_prompt_embeddings(params: Mapping[str, Params], sites: Sequence[AttentionSite]) -> jax.Array:
