@@ -52,8 +52,8 @@ class InputTap(nnx.Module):
     Args:
         features: the embedding width.
         vocab_size: rows of the word-embedding table.
-        embed_path: that table's module path from the model's root (e.g. ``"embed_tokens"``),
-            for methods that initialize from vocabulary rows.
+        embed_path: that table's module path from the module holding the tap (e.g.
+            ``"embed_tokens"``), for methods that initialize from vocabulary rows.
         max_positions: the most tokens the model takes (``None`` when unbounded).
     """
 
@@ -92,8 +92,10 @@ def tap_site(tap: Any, path: str) -> Site | None:
         return ResidualSite(path=path, layer=layer, features=tap.features, role=tap.role,
                             index=tap.index)
     if kind == "inputs":
+        holder = path.rpartition("/")[0]
+        embed = f"{holder}/{tap.embed_path}" if holder else tap.embed_path
         return InputSite(path=path, layer=layer, features=tap.features, vocab_size=tap.vocab_size,
-                         max_positions=tap.max_positions, embed_path=tap.embed_path)
+                         max_positions=tap.max_positions, embed_path=embed)
     if kind == "attention":
         return AttentionSite(path=path, layer=layer, num_heads=tap.num_heads,
                              num_kv_heads=tap.num_kv_heads, head_dim=tap.head_dim,
