@@ -262,8 +262,9 @@ class Peft:
             for name, s in by_path[path]:
                 values = _nested_get(adapters, f"{path}/{name}")
                 key = module.make_rng("dropout") if noisy and any(m.needs_rng for m in s.methods) else None
+                record = _sower(module, name)
                 for i, (method, own) in enumerate(s.owned(values)):
-                    ctx = Context(None if key is None else jax.random.fold_in(key, i))
+                    ctx = Context(None if key is None else jax.random.fold_in(key, i), record)
                     groups.setdefault(name, []).append((method, own, _shared(variables, name), ctx))
             entries = [e for group in groups.values() for e in group]
             x, rest = call_args[0], call_args[1:]
@@ -467,6 +468,17 @@ class Peft:
                 for method, own in s.owned(values):
                     entries.append((method, own, shared, Context()))
         return list(by_path.values())
+
+
+def _sower(module: nn.Module, adapter: str):
+    """Reports go to the ``"intermediates"`` collection as ``<adapter>/<name>`` under the
+    site's path (kept when ``apply(..., mutable=["intermediates"])``, else dropped)."""
+
+    def record(name: str, value: jax.Array) -> None:
+        module.sow("intermediates", f"{adapter}/{name}", value, reduce_fn=lambda _, new: new,
+                   init_fn=lambda: None)
+
+    return record
 
 
 def _has(tree: dict, path: str) -> bool:

@@ -143,13 +143,18 @@ class AdapterSlot(nnx.Module):
         self.rngs = rngs["dropout"].fork() if needs_rng else nnx.data(None)
         self.active = True
         self.merged = False
+        self.recording = False
 
     def entries(self) -> list[tuple]:
         shared = {} if self.shared is None else self.shared.all()
         key = None if self.deterministic or self.rngs is None else self.rngs()
+        record = self._record if self.recording else None
         return [(m, {k: _values(getattr(self, k)) for k in names}, shared,
-                 Context(None if key is None else jax.random.fold_in(key, i)))
+                 Context(None if key is None else jax.random.fold_in(key, i), record))
                 for i, (m, names) in enumerate(zip(self.methods, self.param_names))]
+
+    def _record(self, name: str, value: jax.Array) -> None:
+        self.sow(nnx.Intermediate, name, value, reduce_fn=lambda _, new: new, init_fn=lambda: None)
 
 
 class AdaptedLayer(nnx.Module):
@@ -505,6 +510,33 @@ def _replace_method(slot: AdapterSlot, old: Method, new: Method, params: dict) -
         setattr(slot, key, _variables(value, AdapterParam) if isinstance(value, dict) else AdapterParam(value))
     slot.methods = (*slot.methods[:i], new, *slot.methods[i + 1:])
     slot.param_names = (*slot.param_names[:i], tuple(params), *slot.param_names[i + 1:])
+
+
+def record(model: nnx.Module, on: bool = True) -> None:
+    """Turns on (or off) recording of values methods report (UniPELT's gates) on each call.
+
+    Read them after a forward pass with `recorded`.
+
+    Example:
+        >>> # record(model); model(x); gates = recorded(model)
+    """
+    for _, layer in adapted_layers(model):
+        for _, slot in layer.slots():
+            slot.recording = on
+
+
+def recorded(model: nnx.Module, *, clear: bool = True) -> dict[str, jax.Array]:
+    """What methods reported on the last call, ``{"<site path>/<adapter>/<name>": value}`` (e.g.
+    ``".../attention_tap/default/prefix_gate"``: ``[batch, G]``); ``clear`` removes them."""
+    out = {}
+    for path, layer in adapted_layers(model):
+        for name, slot in layer.slots():
+            for key, value in list(vars(slot).items()):
+                if isinstance(value, nnx.Intermediate):
+                    out[f"{path}/{name}/{key}"] = value[...]
+                    if clear:
+                        delattr(slot, key)
+    return out
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

@@ -67,13 +67,21 @@ __all__ = ["Attention", "AttentionSite", "AddsToKernel", "Call", "Context", "Inp
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """Per-call facts: the dropout key (``None`` in eval mode or without randomness)."""
+    """Per-call facts: the dropout key (``None`` in eval mode or without randomness), and where
+    to report values worth reading after a call (UniPELT's gates), when the front-end records."""
 
     key: jax.Array | None = None
+    record: Callable[[str, jax.Array], None] | None = None
 
     def fold(self, salt: int) -> "Context":
         """A context whose key is independent of this one's (for a second random draw)."""
-        return self if self.key is None else Context(jax.random.fold_in(self.key, salt))
+        return self if self.key is None else Context(jax.random.fold_in(self.key, salt), self.record)
+
+    def report(self, name: str, value: jax.Array) -> None:
+        """Hands ``value`` to the front-end (read with `peft_jax.nnx.recorded` or Linen's
+        ``"intermediates"``); does nothing unless recording is on."""
+        if self.record is not None:
+            self.record(name, value)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

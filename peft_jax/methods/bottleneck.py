@@ -458,6 +458,7 @@ class Bottleneck(Method):
             gate = jax.nn.sigmoid(_linear(params["gate"], h))
             if gate.ndim >= 3:  # [batch, seq, ..., 1]: the mean over the sequence (padding included)
                 gate = gate.mean(axis=1, keepdims=True)
+            ctx.report("bottleneck_gate", gate)
             out = out * gate
         return out
 

@@ -336,6 +336,7 @@ class PrefixTuning(Method):
             pv = input_dropout(pv, self.dropout, ctx.fold(1).key)
         if self.use_gating:
             g = self.gate(params, site, a.hidden)
+            ctx.report("prefix_gate", g)
             pk = pk * g[:, 0, None, None, None].astype(pk.dtype)
             pv = pv * g[:, -1, None, None, None].astype(pv.dtype)
         ones = jnp.ones((*mask.shape[:-1], n), mask.dtype)
