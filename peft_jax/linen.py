@@ -42,6 +42,7 @@ from peft_jax.ops import EmbedOp, LinearOp, dense_op
 from peft_jax.sites import (
     AdapterPlan,
     attend_site,
+    count_shared,
     init_shared,
     merge_site,
     plan_adapter,
@@ -319,6 +320,9 @@ class Peft:
                     n += sum(count_params(_nested_get(params, f"{s.path}/{leaf}")) for leaf in method.trains_base)
                     key = (adapter.name, method.name)
                     by_method[key] = by_method.get(key, 0) + n
+            shared = meta.unbox(variables.get(SHARED_PARAMS, {})).get(adapter.name, {})
+            if shared:
+                count_shared(by_method, adapter.name, shared, [(s.site, s.methods) for s in adapter.sites])
         return ParamSummary(trainable=t, total=t + count_params(frozen.get("params", {})), by_method=by_method)
 
     def regularizer(self, variables: dict) -> jax.Array:

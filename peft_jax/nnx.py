@@ -36,6 +36,7 @@ from peft_jax.ops import EmbedOp, LinearOp, dense_op
 from peft_jax.sites import (
     AdapterPlan,
     attend_site,
+    count_shared,
     init_shared,
     merge_site,
     plan_adapter,
@@ -561,6 +562,13 @@ def summary(model: nnx.Module) -> ParamSummary:
                 n += sum(count_params(getattr(layer.base_layer, k)[...]) for k in method.trains_base)
                 key = (name, method.name)
                 by_method[key] = by_method.get(key, 0) + n
+    for name in adapter_names(model):
+        slots = [(layer.site, getattr(layer, name)) for _, layer in adapted_layers(model)
+                 if name in layer.adapter_order]
+        bank = next((slot.shared for _, slot in slots if slot.shared is not None), None)
+        if bank is not None:
+            params = _values(bank.params)
+            count_shared(by_method, name, params, [(site, slot.methods) for site, slot in slots])
     return ParamSummary(trainable=trainable, total=trainable + frozen, by_method=by_method)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import jax.numpy as jnp
 
 from peft_jax import errors
+from peft_jax.core.count import count_params
 from peft_jax.methods.base import Params, Site, require_mergeable
 
 Entry = tuple[Any, Params, Params, Any]
@@ -56,6 +57,16 @@ def init_shared(adapter: Any, next_key: Callable[[], Any]) -> tuple[Params, Para
                 owner[key] = method
                 store[key] = value
     return frozen, trainable
+
+
+def count_shared(by_method: dict, adapter: str, params: dict, sites: list) -> None:
+    """Adds each method's trainable shared params (Compacter's rule, prefix MLP) to its count."""
+    methods = dict.fromkeys(m for _, ms in sites for m in ms)
+    for method in methods:
+        keys = method.shared_keys([site for site, ms in sites if method in ms]) & set(params)
+        if keys:
+            key = (adapter, method.name)
+            by_method[key] = by_method.get(key, 0) + sum(count_params(params[k]) for k in keys)
 
 
 def run_site(entries: Sequence[Entry], site: Site, call: Callable, x: Any, base: Params) -> Any:
