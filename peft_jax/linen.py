@@ -501,6 +501,8 @@ def _site_base(params: dict, s) -> dict:
     """The site's base arrays from a params dict: ``{"kernel", "bias"}`` or the module's tree."""
     if s.site.kind not in ("linear", "module"):
         return {}
+    if s.site.kind == "module" and not _has(params, s.path):
+        return {}  # a module without params of its own (an adapter around an identity)
     layer = _nested_get(params, s.path)
     if s.site.kind != "linear":
         return dict(layer)

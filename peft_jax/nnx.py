@@ -238,17 +238,11 @@ def _call_with(module: nnx.Module, params: dict, x, args, kwargs):
 # --- surgery helpers ------------------------------------------------------------------------------
 def _modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     """``(path, module)`` for every module a user can target (not our wrappers' insides)."""
-    found, inside = [], []
-    for path, module in nnx.iter_modules(model):
-        key = "/".join(str(p) for p in path)
-        if not path or isinstance(module, (nnx.Dict, nnx.List, AdapterSlot, SharedBank)):
-            continue
-        if any(key.startswith(prefix + "/") for prefix in inside):
-            continue
-        if isinstance(module, AdaptedLayer):
-            inside.append(key)
-        found.append((key, module))
-    return found
+    items = [("/".join(str(p) for p in path), m) for path, m in nnx.iter_modules(model) if path]
+    inside = [key for key, m in items if isinstance(m, AdaptedLayer)]  # children come first
+    return [(key, m) for key, m in items
+            if not isinstance(m, (nnx.Dict, nnx.List, AdapterSlot, SharedBank))
+            and not any(key.startswith(prefix + "/") for prefix in inside)]
 
 
 def _parent_and_key(model: nnx.Module, path: str) -> tuple[Any, Any]:
@@ -642,6 +636,7 @@ def adapter_state(model: nnx.Module, name: str | None = None) -> dict[str, jax.A
         ['layers/0/default/lora_a', 'layers/0/default/lora_b']
     """
     out: dict[str, jax.Array] = {}
+    banks: dict[str, SharedBank] = {}
     for path, layer in adapted_layers(model):
         for adapter, slot in layer.slots():
             if name is not None and adapter != name:
@@ -650,6 +645,11 @@ def adapter_state(model: nnx.Module, name: str | None = None) -> dict[str, jax.A
                 for key in names:
                     out.update(items_under(f"{path}/{adapter}/{key}", _values(getattr(slot, key))))
             if slot.shared is not None:
+                if banks.setdefault(adapter, slot.shared) is not slot.shared:
+                    raise errors.StateError(
+                        f"adapter {adapter!r} has two different shared banks (two modules built "
+                        "separately, e.g. Compacter blocks without shared=): their shared params "
+                        "would collide; build the later ones with shared=<the first>")
                 out.update(items_under(f"{adapter}/shared", slot.shared.all()))
     return out
 

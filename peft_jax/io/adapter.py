@@ -118,6 +118,10 @@ def lora_config_dict(config: Any, **extra: Any) -> dict[str, Any]:
             f"{name} is a {type(value).__name__}, which cannot be written to JSON; use a regex "
             "string or a list of names to save this adapter")
 
+    if getattr(config, "use_gating", False):
+        raise errors.InvalidConfigError(
+            "a gated LoRA (use_gating=True, UniPELT's) has no HF PEFT file format; save it with "
+            "the orbax checkpoint (peft_jax.train.checkpoint) instead")
     return {
         "format": FORMAT,
         "peft_type": "DORA" if config.use_dora else "LORA",

@@ -26,6 +26,7 @@ from peft_jax.methods.config import (
     place,
 )
 from peft_jax.methods.dora import Dora, column_norm, exact_column_norm
+from peft_jax.methods.gated_lora import GatedLora
 from peft_jax.methods.ia3 import IA3
 from peft_jax.methods.initializers import Gaussian, KaimingUniform, OLoRA, PiSSA
 from peft_jax.methods.loha import LoHa
@@ -38,7 +39,15 @@ from peft_jax.methods.phm import Phm, compacter, compacter_pp
 from peft_jax.methods.prefix import PrefixPositions, PrefixTuning, fold
 from peft_jax.methods.prompt import PromptTuning
 from peft_jax.methods.raw_params import RawParamLora, target_parameters
-from peft_jax.methods.recipes import adapters, llama_adapter, mam, p_tuning, prefix_tuning, prompt_tuning
+from peft_jax.methods.recipes import (
+    adapters,
+    llama_adapter,
+    mam,
+    p_tuning,
+    prefix_tuning,
+    prompt_tuning,
+    unipelt,
+)
 from peft_jax.methods.selection import LnTuning, ModulesToSave, TrainBias, TrainCopy
 from peft_jax.methods.trainable_tokens import TrainableTokens
 from peft_jax.methods.vera import Vera
@@ -46,11 +55,12 @@ from peft_jax.methods.vera import Vera
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Lora, Dora, IA3, Vera, LoHa, LoKr, OFT, Beft, TrainBias, LnTuning,
                               ModulesToSave, TrainableTokens, RawParamLora, Bottleneck, PromptTuning,
-                              PTuning, PrefixTuning, PrefixPositions, AdaptionPrompt)
+                              PTuning, PrefixTuning, PrefixPositions, AdaptionPrompt, GatedLora)
 }
 
 __all__ = [
-    "AdaptionPrompt", "Bottleneck", "PTuning", "Phm", "PrefixPositions", "PrefixTuning", "PromptTuning",
+    "AdaptionPrompt", "Bottleneck", "GatedLora", "PTuning", "Phm", "PrefixPositions", "PrefixTuning",
+    "PromptTuning", "unipelt",
     "adapters", "at_taps", "compacter", "compacter_pp", "double_seq_bn", "fold", "llama_adapter", "mam",
     "p_tuning", "par_bn", "prefix_tuning", "prompt_tuning", "scaled_par_bn", "seq_bn",
     "Beft", "Composed", "Context", "Dora", "Gaussian", "IA3", "IA3Config", "KaimingUniform",

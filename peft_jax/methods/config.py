@@ -25,8 +25,9 @@ from peft_jax import errors
 from peft_jax.core.select import Rules, Selector, compile_selector
 from peft_jax.methods.base import Method
 from peft_jax.methods.dora import Dora
+from peft_jax.methods.gated_lora import GatedLora
 from peft_jax.methods.ia3 import IA3
-from peft_jax.methods.initializers import KaimingUniform
+from peft_jax.methods.initializers import KaimingUniform, OLoRA, PiSSA
 from peft_jax.methods.lora import Lora, check_positive, check_positive_int, check_rate
 from peft_jax.methods.selection import ModulesToSave, TrainBias
 
@@ -111,7 +112,8 @@ def compose(*configs: Any) -> Composed:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig:
-    """LoRA and its variants: rsLoRA, DoRA, PiSSA / OLoRA / Gaussian inits, per-target overrides.
+    """LoRA and its variants: rsLoRA, DoRA, gated LoRA (UniPELT), PiSSA / OLoRA / Gaussian inits,
+    per-target overrides.
 
     Args:
         targets: which layers to adapt: a regex (fullmatch on the "/"-joined module path), a list
@@ -123,6 +125,10 @@ class LoraConfig:
         alpha_pattern: ``{selector: alpha}`` overrides, first match wins.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)`` (arXiv:2312.03732).
         use_dora: weight-decomposed LoRA (arXiv:2402.09353), `Dora` composed on `Lora`.
+        use_gating: UniPELT's gated LoRA (AdapterHub ``LoRAConfig(use_gating=True)``), `GatedLora`
+            composed on `Lora`: the update is scaled by ``mean_seq sigmoid(Linear(x))`` instead of
+            ``alpha / rank`` (so ``alpha`` is not used); not mergeable. Takes neither ``use_dora``,
+            ``use_rslora``, ``lora_bias``, PiSSA / OLoRA inits nor ``target_parameters``.
         init: how ``A`` and ``B`` start (`KaimingUniform`, `Gaussian`, `PiSSA`, `OLoRA`).
         lora_bias: a trainable bias on ``B`` (HF PEFT ``lora_bias``).
         bias: which existing biases train (`TrainBias`): ``"none"``, ``"all"``, or
@@ -140,6 +146,7 @@ class LoraConfig:
     alpha_pattern: Mapping[Any, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
     use_dora: bool = False
+    use_gating: bool = False
     init: Callable[..., Any] = KaimingUniform()
     lora_bias: bool = False
     bias: str = "none"
@@ -172,6 +179,17 @@ class LoraConfig:
                 f"init must be an initializer value such as peft_jax.PiSSA(), got {self.init!r}")
         if self.use_dora and self.lora_bias:
             raise errors.InvalidConfigError("use_dora and lora_bias cannot be combined (nor in HF PEFT)")
+        if not isinstance(self.use_gating, bool):
+            raise errors.InvalidConfigError(f"use_gating must be True or False, got {self.use_gating!r}")
+        if self.use_gating:
+            clashes = [name for name, on in (
+                ("use_dora", self.use_dora), ("use_rslora", self.use_rslora),
+                ("lora_bias", self.lora_bias), ("target_parameters", bool(self.target_parameters)),
+                (f"init={type(self.init).__name__}()", isinstance(self.init, (PiSSA, OLoRA)))) if on]
+            if clashes:
+                raise errors.InvalidConfigError(
+                    f"use_gating (UniPELT's gated LoRA) cannot be combined with {', '.join(clashes)}: "
+                    "the gate replaces LoRA's fixed scale (nor does AdapterHub combine them)")
         # Compile the selectors now so a bad regex fails here, not at attach time.
         Rules(dict(self.rank_pattern))
         Rules(dict(self.alpha_pattern))
@@ -184,8 +202,10 @@ class LoraConfig:
                     init_weights=self.init, lora_bias=self.lora_bias)
 
     def method_for(self, path: str) -> Method:
-        """The method at ``path``: `Lora`, or `Dora` built on it."""
+        """The method at ``path``: `Lora`, or `Dora` / `GatedLora` built on it."""
         lora = self.settings_for(path)
+        if self.use_gating:
+            return GatedLora(lora=lora)
         return Dora(lora=lora) if self.use_dora else lora
 
     def placements(self) -> tuple[Placement, ...]:

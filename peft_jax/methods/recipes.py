@@ -115,3 +115,36 @@ def mam(*, roles: Roles, prefix_length: int = 30, bottleneck_size: int = 800,
     return compose(prefix_tuning(prefix_length, projection=True, encoder_hidden_size=bottleneck_size,
                                  count_positions=False),
                    adapters("par_bn", roles=roles, **adapter_overrides))
+
+
+def unipelt(*, roles: Roles, lora_targets: Any, prefix_length: int = 10, reduction_factor: int = 16,
+            rank: int = 8, alpha: float = 2.0, bottleneck_size: int = 512) -> Composed:
+    """UniPELT (Mao et al. 2022, arXiv:2110.07577), AdapterHub's ``UniPELTConfig``: three gated
+    submodules in one adapter, each switched on or off per input by its own sigmoid gate.
+
+    * prefix tuning, reparameterized (``Embedding -> Linear(bottleneck_size) -> tanh -> Linear``),
+      ``prefix_length`` tokens, one shared gate for keys and values, positions not shifted
+      (AdapterHub's convention, ``count_positions=False``);
+    * a sequential bottleneck adapter (``seq_bn``, Pfeiffer) after the feed-forward, gated;
+    * LoRA on ``lora_targets`` (AdapterHub: the self-attention's ``q`` and ``v``, e.g.
+      ``["query", "value"]`` on the reference encoder), gated: `GatedLora`, whose gate replaces
+      the ``alpha / rank`` scale (``alpha`` is kept for AdapterHub's config but not used).
+
+    Not mergeable (the gates depend on the input). The gated LoRA needs its layers called on
+    ``[batch, seq, features]`` inputs (`GatedLora`).
+
+    Example:
+        >>> from peft_jax.models.encoder import ROLES
+        >>> cfg = unipelt(roles=ROLES, lora_targets=["query", "value"])
+        >>> [p.method.name if hasattr(p.method, "name") else p.what for p in cfg.placements()]
+        ['prefix_tuning', 'bottleneck', 'LoRA targets']
+        >>> cfg.placements()[2].method_for("encoder/layer/0/attention/self/query")
+        GatedLora(lora=Lora(rank=8, alpha=2.0, dropout=0.0, use_rslora=False, init_weights=KaimingUniform(), lora_bias=False), gating_heads=1)
+    """  # noqa: E501
+    from peft_jax.methods.config import LoraConfig
+
+    return compose(
+        prefix_tuning(prefix_length, projection=True, encoder_hidden_size=bottleneck_size,
+                      use_gating=True, shared_gating=True, count_positions=False),
+        adapters("seq_bn", roles=roles, reduction_factor=reduction_factor, use_gating=True),
+        LoraConfig(targets=lora_targets, rank=rank, alpha=alpha, use_gating=True))

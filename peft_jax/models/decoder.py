@@ -258,6 +258,11 @@ class DecoderLayer(nnx.Module):
 
 def _check_room(cache: KVCache, new_tokens: int) -> None:
     """Fail early (outside jit, where the length is known) instead of silently clamping writes."""
+    if new_tokens > cache.max_length:
+        raise InvalidConfigError(
+            f"{new_tokens} tokens do not fit a KV cache of {cache.max_length}; create it with "
+            "init_cache(batch, max_length) large enough for the prompt (virtual tokens included) "
+            "plus every generated token")
     if isinstance(cache.length, jax.core.Tracer):
         return
     if int(cache.length) + new_tokens > cache.max_length:
@@ -313,6 +318,14 @@ class Decoder(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype: jnp.dtype | None = None) -> KVCache:
         """An empty :class:`KVCache` for ``batch_size`` rows of ``max_length`` tokens in total."""
         return KVCache.create(self.config, batch_size, max_length, dtype or self.dtype)
+
+    def virtual_tokens(self, batch_size: int, seq_len: int) -> int:
+        """How many tokens input methods (prompt tuning) put before ``seq_len`` inputs on a
+        prefill: the cache needs room for them too. Computed from shapes only."""
+        embeds = jax.ShapeDtypeStruct((batch_size, seq_len, self.config.hidden_size), self.dtype)
+        mask = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.bool_)
+        out = jax.eval_shape(lambda e, m: self.input_tap(Inputs(e, m)).embeds, embeds, mask)
+        return out.shape[1] - seq_len
 
     def embed(self, input_ids: Array) -> Array:
         """Token embeddings ``[batch, seq, hidden]`` (times ``sqrt(hidden)`` for Gemma)."""

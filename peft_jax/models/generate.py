@@ -163,7 +163,7 @@ def _generate(graphdef, state, input_ids, mask, rng, temperature, top_p, *, max_
                    temperature=temperature, top_p=top_p)
     stop_ids = jnp.asarray(stops if stops else (-1,), jnp.int32)
 
-    cache = model.init_cache(batch, prompt_len + max_new_tokens)
+    cache = model.init_cache(batch, prompt_len + model.virtual_tokens(batch, prompt_len) + max_new_tokens)
     hidden, cache = model.hidden_states(input_ids, attention_mask=mask, cache=cache)
     rng, key = jax.random.split(rng)
     token = pick(model.logits(hidden[:, -1]).astype(jnp.float32), key)

@@ -15,6 +15,17 @@ into the canonical layout through `adapterhub_names` (``"<tap path>/a/<param>"``
 gates average over padding too, as AdapterHub's do). Every AdapterHub tensor must be used and
 every one of ours filled, and the adapter must move the output clearly away from the base model,
 so a no-op adapter cannot pass.
+
+Prefix tuning and AdapterHub's unions (``COMBO_CASES``) go through the same harness: prefix tuning
+(reparameterized, flat, gated with one or two gates), MAM and UniPELT, each built here by the
+library's recipe (`peft_jax.methods.recipes.prefix_tuning` with ``count_positions=False``, since
+AdapterHub does not shift BERT's positions after the prefix; `mam`; `unipelt`). AdapterHub's prefix
+pool (``prefix_tuning.prefix_tunings.a.self_prefix.wte`` / ``control_trans``) maps to the shared
+params ``a/shared/prefix_*``, its flat ``control_trans`` vector ``(N * 2L * H * d)`` to each
+attention tap's ``prefix_key`` / ``prefix_value``, its prefix gates to ``prefix_gate_*``, its gated
+LoRA (``loras.a.lora_A`` / ``lora_B`` / ``gate``) to `GatedLora`'s params. Every option our recipe
+shares with AdapterHub's resolved config must agree (so the recipes' defaults are AdapterHub's),
+and after `peft_jax.nnx.fold` (prefix MLP evaluated into flat prefixes) the outputs must not move.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -40,11 +52,16 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import peft_jax  # noqa: E402
+from peft_jax.core.select import compile_selector  # noqa: E402
 from peft_jax.hooks.taps import ResidualTap  # noqa: E402
 from peft_jax.methods import bottleneck as bn  # noqa: E402
+from peft_jax.methods import prefix as pt  # noqa: E402
+from peft_jax.methods import recipes  # noqa: E402
+from peft_jax.methods.base import AttentionSite  # noqa: E402
 from peft_jax.methods.config import at_taps  # noqa: E402
+from peft_jax.methods.gated_lora import GatedLora  # noqa: E402
 from peft_jax.methods.phm import Phm  # noqa: E402
-from peft_jax.models.encoder import load_encoder  # noqa: E402
+from peft_jax.models.encoder import ROLES, load_encoder  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
@@ -77,6 +94,33 @@ CASES: dict[str, tuple[str, dict]] = {
     "compacter++_full_w_no_bias": ("compacter++", {"reduction_factor": 4,
                                                    "factorized_phm_W": False, "phm_bias": False}),
 }
+# Prefix tuning and unions: name -> (AdapterHub config name, its overrides, our config, noise).
+# A prefix barely moves BERT's outputs at noise 0.2, so those cases draw larger adapter tensors.
+COMBO_CASES: dict[str, tuple[str, dict, object, float]] = {
+    "prefix_tuning": ("prefix_tuning", {}, lambda: recipes.prefix_tuning(
+        30, projection=True, encoder_hidden_size=512, count_positions=False), 1.0),
+    "prefix_tuning_flat": ("prefix_tuning_flat", {}, lambda: recipes.prefix_tuning(
+        30, count_positions=False), 1.0),
+    "prefix_tuning_two_gates": ("prefix_tuning", {
+        "prefix_length": 7, "bottleneck_size": 24, "use_gating": True, "shared_gating": False},
+        lambda: recipes.prefix_tuning(7, projection=True, encoder_hidden_size=24, use_gating=True,
+                                      shared_gating=False, count_positions=False), 1.0),
+    "mam": ("mam", {}, lambda: recipes.mam(roles=ROLES), 0.5),
+    "unipelt": ("unipelt", {}, lambda: recipes.unipelt(roles=ROLES, lora_targets=["query", "value"]),
+                0.5),
+}
+AH_PREFIX = f"prefix_tuning.prefix_tunings.{ADAPTER}.self_prefix."
+# Our shared prefix params -> (AdapterHub's pool tensor, transposed?).
+PREFIX_SHARED = {"prefix_embedding": ("wte.weight", False),
+                 "prefix_hidden_kernel": ("control_trans.0.weight", True),
+                 "prefix_hidden_bias": ("control_trans.0.bias", False),
+                 "prefix_out_kernel": ("control_trans.2.weight", True),
+                 "prefix_out_bias": ("control_trans.2.bias", False)}
+# Per-site params of prefix tuning and gated LoRA -> (AdapterHub's name under the layer, transposed?).
+PREFIX_GATE = {"prefix_gate_kernel": ("weight", True), "prefix_gate_bias": ("bias", False)}
+GATED_LORA = {"lora_a": ("lora_A", True), "lora_b": ("lora_B", True),
+              "lora_gate/kernel": ("gate.weight", True), "lora_gate/bias": ("gate.bias", False)}
+AH_LORA_MATRIX = {"query": "q", "key": "k", "value": "v"}
 PHM_FIELDS = {f.name for f in dataclasses.fields(Phm)}
 # AdapterHub's location keys -> our roles (BertSelfOutput / BertOutput).
 AH_LOCATION = {"attention": "attention.output", "ffn": "output"}
@@ -86,9 +130,12 @@ AH_LOCATION = {"attention": "attention.output", "ffn": "output"}
 def refs(tmp_path_factory) -> dict[str, dict]:
     """All reference cases from one AdapterHub subprocess: name -> arrays and meta."""
     d = tmp_path_factory.mktemp("adapterhub")
+    specs = [(name, ah_name, overrides, 0.2) for name, (ah_name, overrides) in CASES.items()]
+    specs += [(name, ah_name, overrides, noise)
+              for name, (ah_name, overrides, _, noise) in COMBO_CASES.items()]
     cases = [dict(out=str(d / f"{name}.npz"), bert=BERT, adapter=ah_name, overrides=overrides,
-                  seed=i, noise=0.2, input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK)
-             for i, (name, (ah_name, overrides)) in enumerate(CASES.items())]
+                  seed=i, noise=noise, input_ids=INPUT_IDS, attention_mask=ATTENTION_MASK)
+             for i, (name, ah_name, overrides, noise) in enumerate(specs)]
     request = d / "request.json"
     request.write_text(json.dumps({"cases": cases}))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -97,7 +144,7 @@ def refs(tmp_path_factory) -> dict[str, dict]:
     if proc.returncode != 0:
         pytest.fail(f"adapterhub_ref.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = {}
-    for name, case in zip(CASES, cases, strict=True):
+    for (name, *_), case in zip(specs, cases, strict=True):
         with np.load(case["out"]) as z:
             arrays = {k: z[k] for k in z.files}
         meta = json.loads(str(arrays.pop("meta")))
@@ -135,29 +182,76 @@ def _ah_tensors(ref) -> dict[str, np.ndarray]:
     return out
 
 
-def _to_ours(model, method: bn.Bottleneck, ref) -> tuple[dict[str, np.ndarray], set[str]]:
-    """Our canonical adapter state filled from AdapterHub's tensors, and the AH names used."""
-    names = bn.adapterhub_names(method)
+def _methods(layer) -> list[tuple[object, tuple[str, ...]]]:
+    """``(method, its top-level param names)`` of adapter ``a`` at an adapted layer."""
+    slot = dict(layer.slots())[ADAPTER]
+    return list(zip(slot.methods, slot.param_names))
+
+
+def _ah_flat_prefix(ah: dict[str, np.ndarray], site) -> np.ndarray:
+    """AdapterHub's flat ``control_trans`` ``(N * 2L * H * d)`` viewed ``(N, 2L, H, d)``, as its
+    ``FlatPrefixTuning.forward`` views it (layer ``l``: rows ``2l`` keys, ``2l + 1`` values)."""
+    flat = ah[AH_PREFIX + "control_trans"]
+    return flat.reshape(-1, 2 * site.num_layers, site.num_kv_heads, site.head_dim)
+
+
+def _to_ours(model, ref) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Our canonical adapter state filled from AdapterHub's tensors, and the AH names used.
+
+    Each of our keys is mapped by the method that owns it at its site: a bottleneck through
+    `adapterhub_names`, prefix tuning to AdapterHub's prefix pool and gates, a gated LoRA to the
+    layer's ``loras.a`` module."""
     ah = _ah_tensors(ref)
-    sites = {path: layer.site for path, layer in peft_jax.nnx.adapted_layers(model)}
+    layers = dict(peft_jax.nnx.adapted_layers(model))
+    bottlenecks = [m for layer in layers.values() for m, _ in _methods(layer)
+                   if isinstance(m, bn.Bottleneck)]
     values, used = {}, set()
     for key, current in peft_jax.nnx.adapter_state(model, ADAPTER).items():
+        derived = None
         if key.startswith(f"{ADAPTER}/shared/"):
-            entry = names["shared/" + key[len(f"{ADAPTER}/shared/"):]]
-            assert entry.shared, key
-            ah_key = f"shared_parameters.{ADAPTER}.{entry.key}"
+            rel = key[len(f"{ADAPTER}/shared/"):]
+            if rel in PREFIX_SHARED:
+                name, transpose = PREFIX_SHARED[rel]
+                ah_key = AH_PREFIX + name
+            else:
+                entry = bn.adapterhub_names(bottlenecks[0])["shared/" + rel]
+                assert entry.shared, key
+                ah_key, transpose = f"shared_parameters.{ADAPTER}.{entry.key}", entry.transpose
         else:
             path, rel = key.split(f"/{ADAPTER}/", 1)
-            site = sites[path]
-            entry = names[rel]
-            ah_key = (f"encoder.layer.{site.index}.{AH_LOCATION[site.role]}.adapters.{ADAPTER}."
-                      f"{entry.key}")
+            site = layers[path].site
+            (method,) = [m for m, names in _methods(layers[path]) if rel.split("/")[0] in names]
+            if isinstance(method, bn.Bottleneck):
+                entry = bn.adapterhub_names(method)[rel]
+                ah_key = (f"encoder.layer.{site.index}.{AH_LOCATION[site.role]}.adapters.{ADAPTER}."
+                          f"{entry.key}")
+                transpose = entry.transpose
+            elif isinstance(method, pt.PrefixTuning) and rel in PREFIX_GATE:
+                name, transpose = PREFIX_GATE[rel]
+                ah_key = (f"encoder.layer.{site.index}.attention.self.prefix_tuning.prefix_gates."
+                          f"{ADAPTER}.{name}")
+            elif isinstance(method, pt.PrefixTuning):  # a flat prefix: one slice of AH's vector
+                ah_key, transpose = AH_PREFIX + "control_trans", False
+                row = 2 * site.index + {"prefix_key": 0, "prefix_value": 1}[rel]
+                derived = _ah_flat_prefix(ah, site)[:, row]
+            elif isinstance(method, GatedLora):
+                layer_index, matrix = re.fullmatch(
+                    r"encoder/layer/(\d+)/attention/self/(query|key|value)", path).groups()
+                name, transpose = GATED_LORA[rel]
+                ah_key = f"encoder.layer.{layer_index}.attention.self.{matrix}.loras.{ADAPTER}.{name}"
+            else:
+                raise AssertionError(f"no AdapterHub mapping for {type(method).__name__} ({key})")
         assert ah_key in ah, f"{key} -> {ah_key}, which AdapterHub does not have"
-        value = ah[ah_key].T if entry.transpose else ah[ah_key]
+        value = derived if derived is not None else ah[ah_key].T if transpose else ah[ah_key]
         assert value.shape == tuple(current.shape), (key, ah_key, value.shape, current.shape)
         values[key] = value
         used.add(ah_key)
     return values, used
+
+
+def _unused(ref, used: set[str]) -> list[str]:
+    return sorted(n for n in ref["meta"]["adapter_names"]
+                  if not used & set(ref["meta"]["aliases"].get(n, [n])))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -195,10 +289,8 @@ def test_matches_adapterhub(refs, case):
 
     method = _ours(ah_name, overrides)
     peft_jax.nnx.attach(model, _config(ah_name, method), rngs=nnx.Rngs(0), name=ADAPTER)
-    values, used = _to_ours(model, method, ref)
-    canonical = set(ref["meta"]["adapter_names"])
-    unused = sorted(n for n in canonical
-                    if not used & set(ref["meta"]["aliases"].get(n, [n])))
+    values, used = _to_ours(model, ref)
+    unused = _unused(ref, used)
     assert not unused, f"AdapterHub tensors with no counterpart here: {unused}"
     peft_jax.nnx.load_adapter_state(model, values)
 
@@ -206,3 +298,160 @@ def test_matches_adapterhub(refs, case):
     theirs = arrays["last_hidden_state"]
     assert np.abs(theirs - base).max() > 0.05, "the reference adapter barely changes the output"
     np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+
+
+# --- prefix tuning, MAM, UniPELT -----------------------------------------------------------------
+def _components(ref) -> dict[str, dict]:
+    """AdapterHub's resolved config per component (``prefix_tuning``, ``bottleneck``, ``lora``)."""
+    cfg = ref["meta"]["config"]
+    parts = cfg["configs"] if cfg.get("architecture") == "union" else [cfg]
+    out = {}
+    for part in parts:
+        key = part.get("architecture") or "bottleneck"
+        assert key not in out, f"two {key} components"
+        out[key] = part
+    return out
+
+
+def _our_components(cfg) -> dict[str, tuple[object, object]]:
+    """Our config's methods per AdapterHub component: ``{kind: (method, placement)}``."""
+    out = {}
+    for p in cfg.placements():
+        method = p.method_for("encoder/layer/0/attention/self/query")
+        assert not isinstance(method, pt.PrefixPositions), \
+            "AdapterHub does not shift BERT's positions after the prefix: count_positions=False"
+        kind = ("prefix_tuning" if isinstance(method, pt.PrefixTuning) else "bottleneck"
+                if isinstance(method, bn.Bottleneck) else "lora")
+        if kind == "bottleneck" and kind in out:  # one adapter per role: same method
+            assert out[kind][0] == method
+            out[kind] = (method, (*out[kind][1], p))
+            continue
+        assert kind not in out, f"two {kind} placements"
+        out[kind] = (method, (p,))
+    return out
+
+
+def _roles_of(placements) -> tuple[str, ...]:
+    return tuple(role for role in ("attention", "ffn")
+                 if any(p.targets == getattr(ROLES, role) for p in placements))
+
+
+@pytest.mark.parametrize("case", list(COMBO_CASES))
+def test_combination_options_match_adapterhub(refs, case):
+    """Our recipe has AdapterHub's components, and every option they share has its value."""
+    ah = _components(refs[case])
+    ours = _our_components(COMBO_CASES[case][2]())
+    assert set(ours) == set(ah)
+    if "prefix_tuning" in ah:
+        method, _ = ours["prefix_tuning"]
+        c = ah["prefix_tuning"]
+        assert method.num_virtual_tokens == c["prefix_length"]
+        assert method.projection == (not c["flat"])
+        if method.projection:
+            assert method.encoder_hidden_size == c["bottleneck_size"]
+            assert c["non_linearity"] == "tanh"  # our MLP's activation
+        assert (method.use_gating, method.dropout) == (c["use_gating"], c["dropout"])
+        if method.use_gating:
+            assert method.shared_gating == c["shared_gating"]
+        assert c["leave_out"] == [] and c["encoder_prefix"]
+    if "bottleneck" in ah:
+        method, placements = ours["bottleneck"]
+        c = ah["bottleneck"]
+        for f in dataclasses.fields(bn.Bottleneck):
+            if f.name in c:
+                assert getattr(method, f.name) == c[f.name], f.name
+        assert method.phm is None and not c["phm_layer"]
+        wanted = tuple(role for role, key in (("attention", "mh_adapter"), ("ffn", "output_adapter"))
+                       if c[key])
+        assert _roles_of(placements) == wanted
+    if "lora" in ah:
+        method, (placement,) = ours["lora"]
+        c = ah["lora"]
+        assert isinstance(method, GatedLora) == c["use_gating"]
+        lora = method.lora if isinstance(method, GatedLora) else method
+        assert (lora.rank, lora.alpha, lora.dropout) == (c["r"], c["alpha"], c["dropout"])
+        assert c["selfattn_lora"] and not c["intermediate_lora"] and not c["output_lora"]
+        assert c["composition_mode"] == "add" and not c["use_dora"] and c["init_weights"] == "lora"
+        selected = compile_selector(placement.targets)
+        matrices = {AH_LORA_MATRIX[m] for m in AH_LORA_MATRIX
+                    if selected(f"encoder/layer/0/attention/self/{m}", None)}
+        assert matrices == set(c["attn_matrices"])
+
+
+def _run(model) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(INPUT_IDS), jnp.asarray(ATTENTION_MASK)).last_hidden_state)
+
+
+def _adapted(ref, cfg):
+    model = load_encoder(ref["meta"]["base_dir"], "float32")
+    peft_jax.nnx.attach(model, cfg, rngs=nnx.Rngs(0), name=ADAPTER)
+    return model
+
+
+def _check_fold_against_eject(model, values: dict, ref) -> None:
+    """`peft_jax.methods.prefix.fold` of our MLP gives AdapterHub's ``eject()``: the MLP on
+    ``wte`` viewed ``(N, 2L, H, d)`` (numpy, from AdapterHub's tensors)."""
+    ah = _ah_tensors(ref)
+    layers = {p: layer for p, layer in peft_jax.nnx.adapted_layers(model)
+              if isinstance(layer.site, AttentionSite)}
+    (method,) = {m for layer in layers.values() for m, _ in _methods(layer)
+                 if isinstance(m, pt.PrefixTuning)}
+    shared = {k: jnp.asarray(values[f"{ADAPTER}/shared/{k}"]) for k in PREFIX_SHARED}
+    sites = [layer.site for layer in layers.values()]
+    flat, per_site = pt.fold(method, shared, sites)
+    assert not flat.projection
+    get = {k: ah[AH_PREFIX + name].astype(np.float64) for k, (name, _) in PREFIX_SHARED.items()}
+    hidden = np.tanh(get["prefix_embedding"] @ get["prefix_hidden_kernel"].T + get["prefix_hidden_bias"])
+    ejected = hidden @ get["prefix_out_kernel"].T + get["prefix_out_bias"]
+    site = sites[0]
+    view = ejected.reshape(method.num_virtual_tokens, 2 * site.num_layers, site.num_kv_heads,
+                           site.head_dim)
+    tol = 2e-6 * np.abs(view).max()  # float32 sums over the MLP's hidden width, values ~ 50
+    for path, layer in layers.items():
+        i = layer.site.index
+        np.testing.assert_allclose(per_site[path]["prefix_key"], view[:, 2 * i], atol=tol, rtol=0)
+        np.testing.assert_allclose(per_site[path]["prefix_value"], view[:, 2 * i + 1], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("case", list(COMBO_CASES))
+def test_combination_matches_adapterhub(refs, case):
+    """Same weights -> same ``last_hidden_state`` as AdapterHub, before and after `fold`."""
+    _, _, build, _ = COMBO_CASES[case]
+    ref = refs[case]
+    arrays = ref["arrays"]
+    model = _adapted(ref, build())
+    with peft_jax.nnx.disabled(model):
+        base = _run(model)
+    np.testing.assert_allclose(base, arrays["base_last_hidden_state"], atol=TOL, rtol=0)
+    values, used = _to_ours(model, ref)
+    unused = _unused(ref, used)
+    assert not unused, f"AdapterHub tensors with no counterpart here: {unused}"
+    peft_jax.nnx.load_adapter_state(model, values)
+
+    ours = _run(model)
+    theirs = arrays["last_hidden_state"]
+    assert np.abs(theirs - base).max() > 0.05, "the reference adapter barely changes the output"
+    np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+
+    projected = any(k.startswith(f"{ADAPTER}/shared/prefix_") for k in values)
+    if projected:
+        _check_fold_against_eject(model, values, ref)
+    peft_jax.nnx.fold(model)
+    state = peft_jax.nnx.adapter_state(model, ADAPTER)
+    assert not any(k.startswith(f"{ADAPTER}/shared/prefix_") for k in state), "fold kept the MLP"
+    taps = [p for p, layer in peft_jax.nnx.adapted_layers(model)
+            if isinstance(layer.site, AttentionSite)]
+    assert taps and all(f"{p}/{ADAPTER}/prefix_key" in state for p in taps)
+    folded = _run(model)
+    np.testing.assert_allclose(folded, ours, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(folded, theirs, atol=TOL, rtol=0)
+
+
+def test_prefix_positions_are_not_shifted_in_adapterhub(refs):
+    """HF PEFT's convention (``count_positions=True``: real tokens start at position ``N``) does
+    not reproduce AdapterHub on BERT, so the parity cases above must use ``count_positions=False``."""
+    ref = refs["prefix_tuning"]
+    model = _adapted(ref, recipes.prefix_tuning(30, projection=True, encoder_hidden_size=512))
+    values, _ = _to_ours(model, ref)
+    peft_jax.nnx.load_adapter_state(model, values)
+    assert np.abs(_run(model) - ref["arrays"]["last_hidden_state"]).max() > 1e-2
