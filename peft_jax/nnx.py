@@ -332,6 +332,9 @@ def attach(model: nnx.Module, config: Any, *, rngs: nnx.Rngs, name: str = "defau
         if not isinstance(layer, AdaptedLayer):
             layer = AdaptedLayer(layer, s.site)
         layers[s.path] = layer
+    for s in adapter.sites:  # resolve embedding tables now: a bad embed_path changes nothing
+        if s.site.kind == "inputs":
+            _init_base(model, layers[s.path])
     frozen, trainable = init_shared(adapter, lambda: rngs.params())
     bank = SharedBank(frozen, trainable) if frozen or trainable else None
     shared = {} if bank is None else bank.all()
@@ -357,9 +360,15 @@ def _init_base(model: nnx.Module, layer: AdaptedLayer) -> dict:
     """What a method's ``init`` sees as the site's base (an input tap: the embedding table)."""
     if layer.site.kind != "inputs":
         return layer._base()
-    parent, key = _parent_and_key(model, layer.site.embed_path)
-    table = parent[key] if isinstance(parent, (list, dict, nnx.List, nnx.Dict)) else getattr(parent, key)
-    table = table.kernel if isinstance(table, AdaptedLayer) else getattr(table, "embedding")
+    try:
+        parent, key = _parent_and_key(model, layer.site.embed_path)
+        table = parent[key] if isinstance(parent, (list, dict, nnx.List, nnx.Dict)) else getattr(parent, key)
+        table = table.kernel if isinstance(table, AdaptedLayer) else getattr(table, "embedding")
+    except (AttributeError, KeyError, IndexError, ValueError):
+        raise errors.MissingHookError(
+            f"the input tap {layer.site.path!r} names embed_path={layer.site.embed_path!r}, which is "
+            "not an embedding module of this model; give InputTap the word-embedding module's path "
+            "relative to the module that holds the tap") from None
     return {"embedding": table[...]}
 
 

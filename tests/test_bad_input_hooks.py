@@ -97,3 +97,15 @@ def test_adapter_on_a_module_of_unknown_width(front):
 def test_unknown_preset():
     with pytest.raises(errors.UnknownNameError, match="pfeiffer"):
         peft_jax.adapters("pfeifer", roles=TAP_ROLES)
+
+
+def test_input_tap_naming_a_missing_embedding_changes_nothing():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.embed = nnx.Embed(10, 4, rngs=nnx.Rngs(0))
+            self.input_tap = peft_jax.hooks.InputTap(features=4, vocab_size=10, embed_path="nope")
+
+    model = Net()
+    with pytest.raises(errors.MissingHookError, match="nope"):
+        peft_jax.nnx.attach(model, peft_jax.prompt_tuning(2), rngs=nnx.Rngs(1))
+    assert list(peft_jax.nnx.adapted_layers(model)) == []
