@@ -10,6 +10,9 @@ usual result until a method is attached (like ``nnx`` ``sow`` / ``perturb``).
 * `ResidualTap` where a sub-layer's output meets the residual stream:
   ``h = tap(Residual(y, x, norm))`` (``norm(x + y)``, or ``x + y`` in pre-LN models).
 
+A model that takes HF's ``inputs_embeds=`` / ``attention_mask=`` gets an input tap without
+edits: ``WithInputTap(model, embed_path="embed_tokens", ...)``.
+
 The NNX taps are here; `peft_jax.hooks.linen` has the same three for Linen. `Roles` names the
 parts of a model (attention, ffn, embed, layers) for configs that place methods by role.
 
@@ -23,5 +26,7 @@ Example:
 
 from peft_jax.hooks.roles import Roles
 from peft_jax.hooks.taps import AttentionTap, InputTap, ResidualTap, strip_virtual, tap_site
+from peft_jax.hooks.wrap import WithInputTap
 
-__all__ = ["AttentionTap", "InputTap", "ResidualTap", "Roles", "strip_virtual", "tap_site"]
+__all__ = ["AttentionTap", "InputTap", "ResidualTap", "Roles", "WithInputTap", "strip_virtual",
+           "tap_site"]
