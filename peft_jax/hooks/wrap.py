@@ -9,7 +9,7 @@ Example:
     ...         self.embed, self.out = nnx.Embed(10, 4, rngs=rngs), nnx.Linear(4, 2, rngs=rngs)
     ...     def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None):
     ...         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-    ...         return self.out(h * attention_mask[..., None])
+    ...         return self.out(h * attention_mask[..., None].astype(h.dtype))
     >>> model = WithInputTap(Net(nnx.Rngs(0)), embed_path="embed", features=4, vocab_size=10)
     >>> _ = peft_jax.nnx.attach(model, peft_jax.prompt_tuning(3), rngs=nnx.Rngs(1))
     >>> model(jnp.array([[1, 2]])).shape  # the 3 virtual positions are stripped
