@@ -65,7 +65,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path):
         return max((int(p) for p in os.listdir(run_dir) if p.isdigit()), default=0) if run_dir.exists() else 0
 
     kills = 0
-    for _ in range(6):
+    for _ in range(3):
         command = [sys.executable, WORKER, "train", str(run_dir), str(total), str(out)]
         if not kill_after_progress(command, latest_step, rng, max_pause=0.5):
             break
