@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 from flax import nnx
+from jax._src import dispatch, monitoring
 
 import peft_jax
 from peft_jax import hooks
@@ -127,6 +128,22 @@ class LinenNet(nn.Module):
         h = nn.Einsum((2, 4, WIDTH), "btnh,nhd->btd", name="einsum")(h)
         h = nn.LayerNorm(name="norm")(nn.Conv(WIDTH, (3,), name="conv")(h))
         return nn.Dense(3, name="head")(h) + embed.attend(h)[..., :3]
+
+
+@contextlib.contextmanager
+def compile_log():
+    """Counts XLA backend compilations (JAX's own compile events) inside the block."""
+    seen = []
+
+    def listen(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            seen.append(event)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield seen
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
 
 
 def batch(seed: int = 0) -> dict:

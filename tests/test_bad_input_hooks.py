@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from jax._src import dispatch, monitoring
 
 import peft_jax
-from frontends import HARNESSES, MAX_POSITIONS, TAP_ROLES, batch
+from frontends import HARNESSES, MAX_POSITIONS, TAP_ROLES, batch, compile_log
 from peft_jax import errors
 from peft_jax.methods import Bottleneck, Phm
 from peft_jax.models.encoder import Encoder, EncoderConfig
@@ -19,17 +18,8 @@ from peft_jax.models.encoder import Encoder, EncoderConfig
 
 @contextlib.contextmanager
 def no_compile():
-    seen = []
-
-    def listen(event, duration, **kwargs):
-        if event == dispatch.BACKEND_COMPILE_EVENT:
-            seen.append(event)
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with compile_log() as seen:
         yield
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
     assert seen == [], f"{len(seen)} compile(s) before the error"
 
 

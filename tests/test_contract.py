@@ -9,17 +9,14 @@ training, and no recompilation on the second step (counted from JAX's compile ev
 
 from __future__ import annotations
 
-import contextlib
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src import dispatch, monitoring
 
 import peft_jax
-from frontends import ADAPTABLE, HARNESSES, TAP_ROLES, batch, train
+from frontends import ADAPTABLE, HARNESSES, TAP_ROLES, batch, compile_log, train
 from peft_jax import errors
 from peft_jax.methods import (
     IA3,
@@ -115,22 +112,6 @@ def _leaves(tree):
         is_key = jnp.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
         return np.array(jax.random.key_data(x) if is_key else x)
     return [host(x) for x in jax.tree.leaves(tree)]
-
-
-@contextlib.contextmanager
-def compile_log():
-    """Counts XLA backend compilations (JAX's own compile events) inside the block."""
-    seen = []
-
-    def listen(event, duration, **kwargs):
-        if event == dispatch.BACKEND_COMPILE_EVENT:
-            seen.append(event)
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield seen
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
 
 
 # Every case runs jitted; eager (no-jit) runs for a representative subset (suite time).
