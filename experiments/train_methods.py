@@ -1,6 +1,7 @@
 """Short real training runs of the module / input PEFT methods on MiniLM-L6 + fine-food reviews.
 
-Each method (bottleneck adapters, Compacter, prompt / P- / prefix tuning, MAM) is attached to
+Each method (bottleneck adapters, Compacter, prompt / P- / prefix tuning, LLaMA-Adapter, MAM,
+UniPELT) is attached to
 the real ``minilm-l6`` checkpoint together with a trained classifier head, trained for a short run
 with the library's own path (`peft_jax.train.split_model`, `make_classification_loss`,
 `peft_jax.make_train_step`, `peft_jax.train.fit`, `LengthBucketedBatches`,
@@ -45,40 +46,64 @@ from peft_jax.train.classify import frozen_features, make_classification_eval, m
 from peft_jax.train.fit import fit
 from peft_jax.train.head_init import fit_linear_head
 from peft_jax.train.parts import split_model
+from peft_jax.train.rank_allocation import allocate_ranks
+from peft_jax.train.rank_report import rank_report, write_rank_report
 from peft_jax.train.recipe import _optimizer
 from peft_jax.train.settings import TrainSettings
 
 MODEL, DATA, MAX_LENGTH, BUCKET, EVAL_BATCH = "minilm-l6", "fine-foods", 128, 32, 64
-HEAD = "head"  # adapter name of the trained classifier copy when it is attached on its own
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodRun:
     """A method's config factory and its training settings."""
 
-    build: Callable[[], Any]
+    build: Callable[[int], Any]  # the number of steps -> the config
     lr: float
     describe: str
 
 
 METHODS: dict[str, MethodRun] = {
-    "seq_bn": MethodRun(lambda: peft_jax.adapters("seq_bn", roles=ROLES), 1e-3,
+    "seq_bn": MethodRun(lambda steps: peft_jax.adapters("seq_bn", roles=ROLES), 1e-3,
                         "Pfeiffer bottleneck after the FFN of all 6 layers, reduction 16"),
-    "double_seq_bn": MethodRun(lambda: peft_jax.adapters("double_seq_bn", roles=ROLES), 1e-3,
+    "double_seq_bn": MethodRun(lambda steps: peft_jax.adapters("double_seq_bn", roles=ROLES), 1e-3,
                                "Houlsby: bottlenecks after attention and FFN, reduction 16"),
-    "par_bn": MethodRun(lambda: peft_jax.adapters("par_bn", roles=ROLES), 1e-3,
+    "par_bn": MethodRun(lambda steps: peft_jax.adapters("par_bn", roles=ROLES), 1e-3,
                         "parallel bottleneck at the FFN, reduction 2, scaling 4"),
-    "compacter": MethodRun(lambda: peft_jax.adapters("compacter", roles=ROLES), 3e-3,
+    "compacter": MethodRun(lambda steps: peft_jax.adapters("compacter", roles=ROLES), 3e-3,
                            "Compacter (PHM n=4, rank 1) after attention and FFN, reduction 32"),
-    "compacter++": MethodRun(lambda: peft_jax.adapters("compacter++", roles=ROLES), 3e-3,
+    "compacter++": MethodRun(lambda steps: peft_jax.adapters("compacter++", roles=ROLES), 3e-3,
                              "Compacter++ (PHM n=4, rank 1) after the FFN, reduction 32"),
-    "prompt_tuning": MethodRun(lambda: peft_jax.prompt_tuning(20, prompt_init="vocab"), 3e-2,
+    "prompt_tuning": MethodRun(lambda steps: peft_jax.prompt_tuning(20, prompt_init="vocab"), 3e-2,
                                "20 virtual tokens, initialized from random vocabulary rows"),
-    "p_tuning": MethodRun(lambda: peft_jax.p_tuning(20, encoder="mlp"), 1e-2,
+    "p_tuning": MethodRun(lambda steps: peft_jax.p_tuning(20, encoder="mlp"), 1e-2,
                           "20 virtual tokens from an MLP prompt encoder"),
-    "prefix_tuning": MethodRun(lambda: peft_jax.prefix_tuning(20, projection=True), 5e-3,
+    "prefix_tuning": MethodRun(lambda steps: peft_jax.prefix_tuning(20, projection=True), 5e-3,
                                "20-token prefix on every attention, MLP reparameterization"),
-    "mam": MethodRun(lambda: peft_jax.mam(roles=ROLES), 1e-3,
+    "prefix_tuning_lr1e-3": MethodRun(lambda steps: peft_jax.prefix_tuning(20, projection=True), 1e-3,
+                                      "as prefix_tuning (positions shifted as HF PEFT), lr 1e-3"),
+    "prefix_tuning_fixed_positions": MethodRun(
+        lambda steps: peft_jax.prefix_tuning(20, projection=True, count_positions=False), 1e-3,
+        "as prefix_tuning_lr1e-3, real tokens keep positions 0.. (AdapterHub's convention)"),
+    "llama_adapter": MethodRun(lambda steps: peft_jax.llama_adapter(10, adapter_layers=6), 5e-3,
+                               "LLaMA-Adapter: 10 adaption prompts, zero-init gate, all 6 layers"),
+    "unipelt": MethodRun(lambda steps: peft_jax.unipelt(roles=ROLES, lora_targets=["query", "value"]),
+                         1e-3, "UniPELT: gated prefix 10 + gated seq_bn (reduction 16) + "
+                               "gated LoRA r8 on query/value"),
+    "seq_bn_drop2": MethodRun(
+        lambda steps: peft_jax.adapter_drop(peft_jax.adapters("seq_bn", roles=ROLES), 2, roles=ROLES), 1e-3,
+        "AdapterDrop: seq_bn in layers 2-5 only (none in the lowest 2)"),
+    "seq_bn_drop4": MethodRun(
+        lambda steps: peft_jax.adapter_drop(peft_jax.adapters("seq_bn", roles=ROLES), 4, roles=ROLES), 1e-3,
+        "AdapterDrop: seq_bn in layers 4-5 only (none in the lowest 4)"),
+    "adalora": MethodRun(
+        lambda steps: peft_jax.place(["query", "value"], peft_jax.AdaLora(
+            init_r=12, target_r=8, alpha=16.0, tinit=10, tfinal=30, delta_t=5, total_step=steps)),
+        3e-3, "AdaLoRA on query/value: init_r 12 -> average rank 8 (tinit 10, tfinal 30, deltaT 5)"),
+    "lora_qv_r8": MethodRun(
+        lambda steps: peft_jax.LoraConfig(targets=["query", "value"], rank=8, alpha=16.0), 3e-3,
+        "LoRA r8 alpha 16 on query/value (AdaLoRA's comparator)"),
+    "mam": MethodRun(lambda steps: peft_jax.mam(roles=ROLES), 1e-3,
                      "MAM: prefix 30 (MLP 800) + parallel FFN adapter (reduction 2)"),
 }
 DEFAULT_METHODS = "seq_bn,double_seq_bn,par_bn,compacter++,prompt_tuning,prefix_tuning,mam"
@@ -95,29 +120,18 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def has_input_tap(config: Any) -> bool:
-    return any(p.kind == "inputs" for p in config.placements())
-
-
 def attach(model: Any, config: Any, seed: int) -> tuple[str, str]:
     """Attaches ``config`` and a trained head; returns ``(mode, head adapter name)``.
 
-    Configs with an input-tap placement (prompt / P- / prefix tuning) are attached to the
-    encoder (``model.backbone``) and the head as a second adapter: before commit aa0b79e
-    `peft_jax.nnx.attach` resolved the input tap's ``embed_path`` (``embeddings/word_embeddings``,
-    relative to the encoder) from the root it was given, which failed from the classifier's
-    root. That commit makes the path relative to the tap's owner, so ``compose(config, head)``
-    on the classifier works too; this path is kept because the recorded run
-    (results/methods_minilm.json) used it. The model computes the same function either way.
+    Runs recorded before 2026-12-02 04:30 UTC (``methods_minilm.json``) attached configs with an
+    input tap (prompt / prefix tuning) to ``model.backbone`` and the head as a second adapter,
+    to work around an ``embed_path`` lookup bug fixed in commit aa0b79e; the model computes the
+    same function either way, and ``compose(method, head)`` on the classifier is used for all now.
     """
     head = peft_jax.place(["classifier"], peft_jax.methods.ModulesToSave())
-    rngs = lambda: nnx.Rngs(params=seed, dropout=seed + 1)  # noqa: E731
-    if not has_input_tap(config):
-        peft_nnx.attach(model, peft_jax.compose(config, head), rngs=rngs())
-        return "compose(method, head) on the classifier", "default"
-    peft_nnx.attach(model.backbone, config, rngs=rngs())
-    peft_nnx.attach(model, head, rngs=rngs(), name=HEAD)
-    return "method on model.backbone + head as adapter 'head'", HEAD
+    peft_nnx.attach(model, peft_jax.compose(config, head),
+                    rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    return "compose(method, head) on the classifier", "default"
 
 
 def init_head(model: Any, name: str, kernel: np.ndarray, bias: np.ndarray) -> None:
@@ -133,8 +147,9 @@ def run_method(name: str, *, path: Any, num_labels: int, train: dict, test: dict
     lr = spec.lr if lr is None else lr
     t0 = time.perf_counter()
     model = models.load_encoder(path, "float32", num_labels=num_labels, seed=seed)
-    config = spec.build()
+    config = spec.build(steps)
     mode, head_name = attach(model, config, seed)
+    adalora = next((p.method for p in config.placements() if isinstance(p.method, peft_jax.AdaLora)), None)
     summary = peft_nnx.summary(model)
     init_head(model, head_name, *head_init)
     parts = split_model(model)
@@ -142,6 +157,8 @@ def run_method(name: str, *, path: Any, num_labels: int, train: dict, test: dict
     eval_parts = split_model(model)
     settings = TrainSettings(lr=lr, steps=steps, batch_size=batch_size, seed=seed)
     tx = _optimizer(settings, steps)
+    if adalora is not None:
+        tx = allocate_ranks(tx, adalora)
     step = peft_jax.make_train_step(parts.loss(make_classification_loss()), tx, has_aux=True)
     evaluate = make_classification_eval(eval_parts, parts.frozen, test, batch_size=EVAL_BATCH,
                                         bucket=BUCKET)
@@ -153,6 +170,17 @@ def run_method(name: str, *, path: Any, num_labels: int, train: dict, test: dict
                  rng=jax.random.key(seed + 2), log=lambda s: print(f"[{name}] {s}", flush=True),
                  progress=False)
     final = result.last_eval or {}
+    extra: dict[str, Any] = {}
+    if adalora is not None:
+        report_dir = Path(__file__).parent / "results" / "adalora_ranks" / f"{name}_seed{seed}"
+        write_rank_report(report_dir, adalora, result.opt_state)
+        report = rank_report(adalora, result.opt_state)
+        nnx.update(model, result.trainable)
+        peft_nnx.fold(model)  # -> plain LoRA with the ranks kept
+        extra = {"ranks_kept": report["kept_total"], "rank_budget_target": report["budget_target"],
+                 "ranks_by_layer": {x["path"]: x["rank"] for x in report["layers"]},
+                 "trainable_params_after_fold": peft_nnx.summary(model).trainable,
+                 "rank_report": str(report_dir.relative_to(Path(__file__).parent.parent))}
     train_records = [r for r in result.history if "loss" in r and "eval_accuracy" not in r]
     eval_records = [r for r in result.history if "eval_accuracy" in r]
     return {
@@ -177,6 +205,8 @@ def run_method(name: str, *, path: Any, num_labels: int, train: dict, test: dict
         "first_logged_train_loss": train_records[0]["loss"] if train_records else None,
         "last_logged_train_loss": train_records[-1]["loss"] if train_records else None,
         "last_logged_train_accuracy": train_records[-1].get("accuracy") if train_records else None,
+        "seed": seed,
+        **extra,
     }
 
 
@@ -187,7 +217,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="override every method's lr")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the baselines (and of the runs)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds: every method once per seed (default: --seed)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--out", default=None, help="JSON file (rewritten after every method)")
     args = p.parse_args(argv)
@@ -246,10 +278,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         record["lora_reference"]["settings"] = "LoRA r8 a16 all-linear top 3 layers, batch 32, " \
                                                "lr 3e-3, prefix cache"
     record["runs"] = []
-    for name in names:
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    for seed, name in ((s, n) for s in seeds for n in names):
         out = run_method(name, path=checkpoint.path, num_labels=dataset.num_labels, train=train,
                          test=test, head_init=head_init, steps=args.steps,
-                         batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         batch_size=args.batch_size, lr=args.lr, seed=seed,
                          log_every=args.log_every)
         out["beats_probe"] = out["test_accuracy"] is not None and \
             out["test_accuracy"] > base.linear_probe_accuracy

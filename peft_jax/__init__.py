@@ -26,6 +26,7 @@ from peft_jax.core import (
 from peft_jax.methods import (
     IA3,
     OFT,
+    AdaLora,
     AdaptionPrompt,
     Beft,
     Bottleneck,
@@ -57,14 +58,17 @@ from peft_jax.methods import (
     place,
     prefix_tuning,
     prompt_tuning,
+    unipelt,
 )
 from peft_jax.sites.composition import Average, Parallel, Stack, replicate
+from peft_jax.sites.drop import adapter_drop, lowest_layers
 from peft_jax.train import make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptionPrompt", "Bottleneck", "PTuning", "PrefixTuning", "PromptTuning", "adapters", "at_taps",
+    "adapter_drop", "lowest_layers",
+    "AdaLora", "AdaptionPrompt", "Bottleneck", "PTuning", "PrefixTuning", "PromptTuning", "adapters", "at_taps",
     "Average", "Parallel", "Stack", "replicate", "hooks", "modules", "llama_adapter", "mam", "p_tuning",
     "prefix_tuning", "prompt_tuning", "unipelt",
     "Beft", "Dora", "Gaussian", "IA3", "IA3Config", "KaimingUniform", "LnTuning", "LoHa", "LoKr",

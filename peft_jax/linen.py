@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ from peft_jax import errors
 from peft_jax.core import combine, partition
 from peft_jax.core.count import ParamSummary, count_params
 from peft_jax.core.paths import items_under
-from peft_jax.methods.base import Context, Site, require_mergeable
+from peft_jax.methods.base import Context, Site, combine_regularizers, fold_result_for, require_mergeable
 from peft_jax.ops import EmbedOp, LinearOp, dense_op
 from peft_jax.sites import (
     AdapterPlan,
@@ -229,9 +229,12 @@ class Peft:
 
     # -- running ----------------------------------------------------------------------------------
     def apply(self, variables: dict, *args: Any, active: Iterable[str] | Block | None = None,
-              enabled: bool = True, rngs: dict | None = None, **kwargs: Any) -> Any:
+              enabled: bool = True, rngs: dict | None = None,
+              skip: Callable[[str], bool] | None = None, **kwargs: Any) -> Any:
         """Runs the module with its adapters (``active`` names only, if given, or combined by a
         composition block: `Stack`, `Parallel`, `Average` from `peft_jax.sites.composition`).
+        Sites whose path ``skip`` holds for run as the base (AdapterDrop at inference:
+        ``skip=peft_jax.sites.drop.lowest_layers(n, roles)``).
 
         Dropout inside methods is on when ``rngs`` holds a ``"dropout"`` key. With
         ``enabled=False`` (or after `merge`) the module runs on its own params. An unplanned
@@ -248,7 +251,8 @@ class Peft:
         by_path: dict[str, list] = {}
         for adapter in live:
             for s in adapter.sites:
-                by_path.setdefault(s.path, []).append((adapter.name, s))
+                if skip is None or not skip(s.path):
+                    by_path.setdefault(s.path, []).append((adapter.name, s))
         adapters = variables.get(COLLECTION, {})
 
         def intercept(next_fun, call_args, call_kwargs, context):
@@ -326,14 +330,12 @@ class Peft:
         return ParamSummary(trainable=t, total=t + count_params(frozen.get("params", {})), by_method=by_method)
 
     def regularizer(self, variables: dict) -> jax.Array:
-        """The sum of the methods' loss terms (`Method.regularizer`); ``0.0`` when none has one."""
-        total = jnp.zeros((), jnp.float32)
-        for s, entries in self._sites(variables):
-            for method, params, shared, _ in entries:
-                term = method.regularizer(params, shared, s.site)
-                if term is not None:
-                    total = total + term.astype(jnp.float32)
-        return total
+        """The methods' loss terms (`Method.regularizer`, combined by `combine_regularizers`:
+        AdaLoRA's orthogonality, averaged); ``0.0`` when none has one. Add it to the loss."""
+        terms = [(method, term) for s, entries in self._sites(variables)
+                 for method, params, shared, _ in entries
+                 if (term := method.regularizer(params, shared, s.site)) is not None]
+        return combine_regularizers(terms)
 
     # -- merging ----------------------------------------------------------------------------------
     def merge(self, variables: dict, *, keep_original: bool = True) -> dict:
@@ -397,11 +399,14 @@ class Peft:
                     values = {k: v for k, v in _nested_get(out[COLLECTION], where).items()
                               if k not in params[s.path]}
                     out[COLLECTION] = _nested_set(out[COLLECTION], where, {**values, **per_site[s.path]})
-                    methods = tuple(new if m == method else m for m in s.methods)
-                    s = dataclasses.replace(s, methods=methods)
-                    sites[i] = dataclasses.replace(s, keys=tuple(
-                        tuple(per_site[s.path]) if m == new else k for m, k in zip(s.methods, s.keys)))
-                dropped = method.shared_keys(site_list) - new.shared_keys(site_list)
+                    replacement = fold_result_for(new, s.path)
+                    keys = tuple(tuple(per_site[s.path]) if m == method else k
+                                 for m, k in zip(s.methods, s.keys))
+                    methods = tuple(replacement if m == method else m for m in s.methods)
+                    sites[i] = dataclasses.replace(s, methods=methods, keys=keys)
+                kept = set().union(*(fold_result_for(new, s.path).shared_keys([s.site])
+                                     for s in (sites[i] for i in chosen)))
+                dropped = method.shared_keys(site_list) - kept
                 shared = {k: v for k, v in out.get(SHARED_PARAMS, {}).get(adapter.name, {}).items()
                           if k not in dropped}
                 out[SHARED_PARAMS] = {**out.get(SHARED_PARAMS, {}), adapter.name: shared}

@@ -31,7 +31,15 @@ from flax import nnx
 from peft_jax import errors
 from peft_jax.core.count import ParamSummary, count_params
 from peft_jax.core.paths import items_under
-from peft_jax.methods.base import Context, Method, Site, require_mergeable
+from peft_jax.hooks.roles import Roles
+from peft_jax.methods.base import (
+    Context,
+    Method,
+    Site,
+    combine_regularizers,
+    fold_result_for,
+    require_mergeable,
+)
 from peft_jax.ops import EmbedOp, LinearOp, dense_op
 from peft_jax.sites import (
     AdapterPlan,
@@ -44,6 +52,7 @@ from peft_jax.sites import (
     unmerge_site,
 )
 from peft_jax.sites.composition import Block, as_block, run_block
+from peft_jax.sites.drop import lowest_layers
 from peft_jax.sites.layers import contraction_op, conv_op, describe, einsum_op
 
 
@@ -393,6 +402,20 @@ def set_active(model: nnx.Module, names: str | list[str] | Block | None) -> None
             slot.active = wanted is None or key in wanted
 
 
+def drop_adapters(model: nnx.Module, n: int, roles: Roles) -> nnx.Module:
+    """AdapterDrop at inference: switches off every adapter in the layers ``0 .. n - 1``
+    (``roles.layers``; `peft_jax.sites.drop`) and on in all others, in place; ``n=0`` runs
+    them all again. The choice is static: a jitted call compiles once per ``n``.
+
+    Example:
+        >>> # drop_adapters(model, 2, ROLES); logits = model(ids)  # lowest 2 layers as the base
+    """
+    dropped = lowest_layers(n, roles)
+    for path, layer in adapted_layers(model):
+        layer.enabled = not dropped(path)
+    return model
+
+
 @contextlib.contextmanager
 def disabled(model: nnx.Module) -> Iterator[nnx.Module]:
     """Within the block the model computes the base outputs (every adapter off).
@@ -402,14 +425,14 @@ def disabled(model: nnx.Module) -> Iterator[nnx.Module]:
     Example:
         >>> # with disabled(model): base_logits = model(x)
     """
-    layers = [layer for _, layer in adapted_layers(model)]
-    for layer in layers:
+    layers = [(layer, layer.enabled) for _, layer in adapted_layers(model)]
+    for layer, _ in layers:
         layer.enabled = False
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.enabled = True
+        for layer, was in layers:
+            layer.enabled = was
 
 
 def merge(model: nnx.Module, *, keep_original: bool = True) -> nnx.Module:
@@ -494,9 +517,10 @@ def fold(model: nnx.Module) -> nnx.Module:
                 continue
             new, per_site = folded
             for p in paths:
-                _replace_method(slots[p], method, new, per_site[p])
+                _replace_method(slots[p], method, fold_result_for(new, p), per_site[p])
             if bank is not None:
-                for key in method.shared_keys([sites[p] for p in paths]) - new.shared_keys([sites[p] for p in paths]):
+                kept = set().union(*(fold_result_for(new, p).shared_keys([sites[p]]) for p in paths))
+                for key in method.shared_keys([sites[p] for p in paths]) - kept:
                     del bank.params[key]
     return model
 
@@ -576,16 +600,29 @@ def summary(model: nnx.Module) -> ParamSummary:
 
 
 def regularizer(model: nnx.Module) -> jax.Array:
-    """The sum of the live methods' loss terms (`Method.regularizer`, e.g. AdaLoRA's
-    orthogonality); ``0.0`` when none has one. Add it to the loss inside ``model_loss``."""
-    total = jnp.zeros((), jnp.float32)
-    for _, layer in adapted_layers(model):
-        for slot in layer._live():
-            for method, params, shared, _ in slot.entries():
-                term = method.regularizer(params, shared, layer.site)
-                if term is not None:
-                    total = total + term.astype(jnp.float32)
-    return total
+    """The live methods' loss terms (`Method.regularizer`, combined by `combine_regularizers`:
+    AdaLoRA's orthogonality, averaged); ``0.0`` when none has one. `make_loss` adds it."""
+    return combine_regularizers([
+        (method, term) for _, layer in adapted_layers(model) for slot in layer._live()
+        for method, params, shared, _ in slot.entries()
+        if (term := method.regularizer(params, shared, layer.site)) is not None])
+
+
+def with_regularizer(model: nnx.Module, out: Any) -> Any:
+    """``out`` (a loss, or ``(loss, aux)``) plus `regularizer` when a method defines one."""
+    if not has_regularizer(model):
+        return out
+    penalty = regularizer(model)
+    if isinstance(out, tuple):
+        return (out[0] + penalty.astype(out[0].dtype), *out[1:])
+    return out + penalty.astype(out.dtype)
+
+
+def has_regularizer(model: nnx.Module) -> bool:
+    """Whether a live method defines a loss term (checked once, when the loss is traced)."""
+    return any(type(method).regularizer is not Method.regularizer
+               for _, layer in adapted_layers(model) for slot in layer._live()
+               for method, *_ in slot.entries())
 
 
 def _noisy(model: nnx.Module) -> list[AdapterSlot]:
@@ -616,6 +653,9 @@ def seed_adapter_dropout(model: nnx.Module, batch: Any) -> None:
 def make_loss(graphdef: nnx.GraphDef, model_loss: Callable[..., Any]) -> Callable[..., Any]:
     """Turns ``model_loss(model, batch)`` into ``loss(trainable, frozen, batch)`` for `make_train_step`.
 
+    The attached methods' loss terms (`regularizer`: AdaLoRA's orthogonality) are added to the
+    loss (the first element when ``model_loss`` returns ``(loss, aux)``).
+
     Adapters with dropout that are in training mode draw their masks from ``batch["dropout_rng"]``
     (a fresh key each step), since RNG state carried in ``frozen`` cannot advance inside the step.
 
@@ -626,7 +666,7 @@ def make_loss(graphdef: nnx.GraphDef, model_loss: Callable[..., Any]) -> Callabl
     def loss(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
         seed_adapter_dropout(model, batch)
-        return model_loss(model, batch)
+        return with_regularizer(model, model_loss(model, batch))
 
     return loss
 

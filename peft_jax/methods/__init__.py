@@ -4,6 +4,7 @@ A method is its config (a frozen keyword-only dataclass, see `Method`); `METHODS
 name each one is saved under to its class, and only ``io/`` reads it.
 """
 
+from peft_jax.methods.adalora import AdaLora
 from peft_jax.methods.adaption_prompt import AdaptionPrompt
 from peft_jax.methods.base import (
     Context,
@@ -55,11 +56,12 @@ from peft_jax.methods.vera import Vera
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Lora, Dora, IA3, Vera, LoHa, LoKr, OFT, Beft, TrainBias, LnTuning,
                               ModulesToSave, TrainableTokens, RawParamLora, Bottleneck, PromptTuning,
-                              PTuning, PrefixTuning, PrefixPositions, AdaptionPrompt, GatedLora)
+                              PTuning, PrefixTuning, PrefixPositions, AdaptionPrompt, GatedLora, AdaLora)
 }
 
 __all__ = [
-    "AdaptionPrompt", "Bottleneck", "GatedLora", "PTuning", "Phm", "PrefixPositions", "PrefixTuning",
+    "AdaLora", "AdaptionPrompt", "Bottleneck", "GatedLora", "PTuning", "Phm", "PrefixPositions",
+    "PrefixTuning",
     "PromptTuning", "unipelt",
     "adapters", "at_taps", "compacter", "compacter_pp", "double_seq_bn", "fold", "llama_adapter", "mam",
     "p_tuning", "par_bn", "prefix_tuning", "prompt_tuning", "scaled_par_bn", "seq_bn",

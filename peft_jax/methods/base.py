@@ -62,7 +62,7 @@ Call = Callable[..., Any]
 
 __all__ = ["Attention", "AttentionSite", "AddsToKernel", "Call", "Context", "InputSite", "Inputs",
            "LinearSite", "Mergeable", "Method", "ModuleSite", "Params", "Residual", "ResidualSite",
-           "Site", "is_mergeable", "require_mergeable"]
+           "Site", "combine_regularizers", "fold_result_for", "is_mergeable", "require_mergeable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +100,9 @@ class Method:
     #: batched einsum kernels (a stack of experts with factors per entry).
     grouped_conv: ClassVar[bool] = False
     batched_kernels: ClassVar[bool] = False
+    #: how the front-ends combine this method's `regularizer` terms over its sites: ``"sum"``,
+    #: or ``"mean"`` (AdaLoRA: HF PEFT averages its penalty over the adapted matrices).
+    regularizer_reduction: ClassVar[str] = "sum"
 
     # -- before anything is built ------------------------------------------------------------
     def check(self, site: Site) -> None:
@@ -168,10 +171,11 @@ class Method:
         return None
 
     def fold(self, shared: Params, sites: list[Site], params: dict[str, Params]
-             ) -> tuple["Method", dict[str, Params]] | None:
-        """A cheaper method with identical outputs and its params per site path (prefix
-        tuning's MLP evaluated once into flat prefixes), or ``None`` when there is nothing to
-        fold. Front-ends' ``fold`` calls it; shared params the new method does not use go."""
+             ) -> tuple["Method | dict[str, Method]", dict[str, Params]] | None:
+        """A cheaper method with identical outputs (one for all sites, or one per site path)
+        and its params per site path (prefix tuning's MLP evaluated once into flat prefixes;
+        AdaLoRA to LoRA with per-layer ranks), or ``None`` when there is nothing to fold.
+        Front-ends' ``fold`` calls it; shared params the new method does not use go."""
         return None
 
     def shared_keys(self, sites: list[Site]) -> set[str]:
@@ -207,6 +211,36 @@ class AddsToKernel(Mergeable):
     def unmerge(self, params: Params, shared: Params, site: Site, base: Params, record: Any) -> Params:
         kernel = base["kernel"]
         return {"kernel": kernel - self.kernel_delta(params, shared, site.op).astype(kernel.dtype)}
+
+
+def combine_regularizers(terms: list[tuple[Method, jax.Array]]) -> jax.Array:
+    """The loss term of all sites' ``(method, term)`` pairs: summed, except that the terms of
+    a method type whose ``regularizer_reduction`` is ``"mean"`` are averaged over its sites
+    first. ``0.0`` (float32) without terms.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(combine_regularizers([(Method(), jnp.array(1.0)), (Method(), jnp.array(2.0))]))
+        3.0
+    """
+    import jax.numpy as jnp
+
+    total = jnp.zeros((), jnp.float32)
+    means: dict[type, list[jax.Array]] = {}
+    for method, term in terms:
+        term = term.astype(jnp.float32)
+        if method.regularizer_reduction == "mean":
+            means.setdefault(type(method), []).append(term)
+        else:
+            total = total + term
+    for group in means.values():
+        total = total + sum(group[1:], group[0]) / len(group)
+    return total
+
+
+def fold_result_for(new: "Method | dict[str, Method]", path: str) -> Method:
+    """The method `Method.fold` gives the site at ``path`` (one for all, or per path)."""
+    return new if isinstance(new, Method) else new[path]
 
 
 def is_mergeable(method: Method) -> bool:

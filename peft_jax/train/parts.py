@@ -54,13 +54,14 @@ class ModelParts:
 
         Adapters with dropout draw fresh masks each step from ``batch["dropout_rng"]`` (added
         by `peft_jax.train.fit`; `peft_jax.nnx.seed_adapter_dropout`), since RNG state that
-        travels in ``frozen`` cannot advance inside the step.
+        travels in ``frozen`` cannot advance inside the step. Methods' loss terms (AdaLoRA's
+        orthogonality) are added (`peft_jax.nnx.with_regularizer`).
         """
 
         def loss(trainable, frozen, batch):
             model = self.merge(trainable, frozen)
             peft_nnx.seed_adapter_dropout(model, batch)
-            return model_loss(model, batch)
+            return peft_nnx.with_regularizer(model, model_loss(model, batch))
 
         return loss
 

@@ -44,6 +44,7 @@ import optax
 
 from peft_jax import errors
 from peft_jax.train.precision import Precision
+from peft_jax.train.rank_allocation import require_allocator
 
 LossFn = Callable[[Any, Any, Any], Any]
 
@@ -270,6 +271,7 @@ def make_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             raise errors.StateError(
                 "opt_state does not match the step's options (dropout_key / lr_schedule make the "
                 "step count updates in a StepState); build it with step.init(trainable)")
+        require_allocator(trainable, opt_state)  # at trace time: AdaLoRA needs its allocator
         count, key, inner = opt_state if options.counts_steps else (None, None, opt_state)
         if key is not None:
             if not isinstance(batch, dict):
