@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -188,6 +188,29 @@ class AdaLora(Method, AddsToKernel):
             methods[site.path] = Lora(rank=rank, alpha=float(rank), dropout=self.dropout)
             out[site.path] = {"lora_a": a, "lora_b": b}
         return methods, out
+
+
+def as_lora_config(ranks: Mapping[str, int], *, dropout: float = 0.0) -> Any:
+    """The `LoraConfig` of a folded AdaLoRA: ``ranks`` maps each adapted layer's path to the
+    rank it kept; every layer gets ``alpha = rank`` (scale 1, as `AdaLora.fold` leaves it).
+    Attach it to a fresh base and load the folded adapter's state to get the same model, or
+    save it like any LoRA (HF PEFT's ``rank_pattern`` / ``alpha_pattern``).
+
+    Example:
+        >>> cfg = as_lora_config({"layers/0/q": 3, "layers/1/q": 5})
+        >>> cfg.placements()[0].method_for("layers/1/q").rank
+        5
+    """
+    import re
+
+    from peft_jax.methods.config import LoraConfig
+
+    if not ranks:
+        raise errors.InvalidConfigError("as_lora_config needs the rank of at least one layer")
+    exact = {re.escape(path): int(r) for path, r in ranks.items()}
+    return LoraConfig(targets="|".join(exact), rank=max(exact.values()), alpha=float(max(exact.values())),
+                      dropout=dropout, rank_pattern=exact,
+                      alpha_pattern={k: float(v) for k, v in exact.items()})
 
 
 def ranks_kept(params: Params) -> int:

@@ -188,3 +188,35 @@ def test_linen_attaches_adalora_with_the_same_penalty_outputs_and_fold():
     linen_sites = {s.path: s.methods for a in linen_side.peft.plans for s in a.sites}
     assert linen_sites == {p: (peft_jax.Lora(rank=max(r, 1), alpha=float(max(r, 1))),)
                            for p, r in ranks.items()}
+
+
+def test_a_folded_adalora_is_a_plain_lora_config_on_a_fresh_base():
+    """After `fold`, `as_lora_config(ranks)` re-attaches to an untouched base and the folded
+    state loads into it: the same model, as any LoRA with per-layer ranks."""
+    from peft_jax.methods.adalora import as_lora_config
+
+    trained = NnxHarness()
+    trained.attach(CONFIG)
+    train(trained, steps=5, tx=allocate_ranks(optax.adam(2e-2), METHOD))
+    trained.eval()
+    ids = batch(5)["ids"]
+    out = trained.forward(ids, jit=False)
+    trained.fold()
+    ranks = {p: m.default.methods[0].rank for p, m in peft_jax.nnx.adapted_layers(trained.model)}
+    assert sum(ranks.values()) < METHOD.init_r * N_LAYERS
+
+    fresh = NnxHarness()
+    fresh.attach(as_lora_config(ranks))
+    fresh.eval()
+    assert {p: m.default.methods[0] for p, m in peft_jax.nnx.adapted_layers(fresh.model)} == {
+        p: peft_jax.Lora(rank=r, alpha=float(r)) for p, r in ranks.items()}
+    peft_jax.nnx.load_adapter_state(fresh.model, peft_jax.nnx.adapter_state(trained.model))
+    np.testing.assert_allclose(fresh.forward(ids, jit=False), out, atol=1e-5)
+
+
+def test_adalora_and_dora_on_one_layer_is_a_typed_error():
+    harness = NnxHarness()
+    config = peft_jax.compose(CONFIG, peft_jax.LoraConfig(targets=["dense"], use_dora=True))
+    with pytest.raises(errors.IncompatibleMethodsError, match="AdaLora and Dora"):
+        harness.attach(config)
+    assert not list(peft_jax.nnx.adapted_layers(harness.model))  # nothing changed
