@@ -11,7 +11,7 @@ Example:
     trainable params: 32 || all params: 122 || trainable%: 26.2295
 """
 
-from peft_jax import errors, hooks, linen, modules, nnx
+from peft_jax import errors, hooks, linen, modules, nnx, prompts
 from peft_jax.core import (
     ParamSummary,
     Rules,
@@ -70,7 +70,7 @@ __all__ = [
     "adapter_drop", "lowest_layers",
     "AdaLora", "AdaptionPrompt", "Bottleneck", "PTuning", "PrefixTuning", "PromptTuning", "adapters", "at_taps",
     "Average", "Parallel", "Stack", "replicate", "hooks", "modules", "llama_adapter", "mam", "p_tuning",
-    "prefix_tuning", "prompt_tuning", "unipelt",
+    "prefix_tuning", "prompt_tuning", "prompts", "unipelt",
     "Beft", "Dora", "Gaussian", "IA3", "IA3Config", "KaimingUniform", "LnTuning", "LoHa", "LoKr",
     "Lora", "LoraConfig", "ModulesToSave", "OFT", "OLoRA", "ParamSummary", "PiSSA", "Rules",
     "TrainBias", "TrainableTokens", "Vera", "combine", "compose", "count_params", "errors",
