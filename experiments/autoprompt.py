@@ -22,8 +22,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,23 +39,14 @@ from peft_jax import nnx as peft_nnx
 from peft_jax.models.lm_tokenizer import load_lm_tokenizer
 from peft_jax.prompts import AutoPromptConfig, search
 
+sys.path.insert(0, str(Path(__file__).parent))
+from train_methods import cpu_model  # noqa: E402
+
 MODEL, DATA = "smollm2-135m", "fine-foods"
 HAND = "Review of a food product from Amazon:"  # 8 tokens with SmolLM2's tokenizer
 SUFFIX = "\nOverall, the product is"
 VERBALIZER = (" bad", " great")  # label 0 ("other"), label 1 ("great")
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_model() -> str:
-    """``lscpu``'s model name (as in experiments/train_methods.py)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def encode(tok: Any, examples: list, prompt: tuple[int, ...], review_tokens: int) -> dict[str, np.ndarray]:
