@@ -23,6 +23,7 @@ from peft_jax.core import (
     summarize,
     tree_paths,
 )
+from peft_jax.io import from_dict, load_adapter, save_adapter, to_dict
 from peft_jax.methods import (
     IA3,
     OFT,
@@ -67,7 +68,7 @@ from peft_jax.train import make_train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "adapter_drop", "lowest_layers",
+    "adapter_drop", "lowest_layers", "from_dict", "load_adapter", "save_adapter", "to_dict",
     "AdaLora", "AdaptionPrompt", "Bottleneck", "PTuning", "PrefixTuning", "PromptTuning", "adapters", "at_taps",
     "Average", "Parallel", "Stack", "replicate", "hooks", "modules", "llama_adapter", "mam", "p_tuning",
     "prefix_tuning", "prompt_tuning", "prompts", "unipelt",

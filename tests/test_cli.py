@@ -66,7 +66,7 @@ def test_metrics_jsonl(trained):
 
 
 def test_adapter_files(trained):
-    params, config = io.load_adapter(trained / "adapter")
+    params, config = io.read_adapter_files(trained / "adapter")
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4
     assert config["modules_to_save"] == ["classifier"]
     assert any(k.endswith("attention/self/query/default/lora_a") for k in params)
@@ -86,7 +86,7 @@ def test_prefix_cache_path(tmp_path, model_dir, data_dir, capsys):
     assert "cached the frozen embeddings + layers 0..0" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["prefix_cache_depth"] == 1
-    params, config = io.load_adapter(out / "adapter")
+    params, config = io.read_adapter_files(out / "adapter")
     assert all("layer/0/" not in k for k in params)
     assert any("layer/1/attention/self/value" in k for k in params)
     assert "layer/(?:1)/" in config["target_modules"]

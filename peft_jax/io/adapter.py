@@ -13,7 +13,7 @@ exactly into the trainable state it came from. The directory is written atomical
 Example:
     >>> import numpy as np, pathlib, tempfile
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "adapter"
-    >>> _ = save_adapter(out, {"q/lora_a": np.ones((3, 2), np.float32)}, {"peft_type": "LORA"})
+    >>> _ = write_adapter_files(out, {"q/lora_a": np.ones((3, 2), np.float32)}, {"peft_type": "LORA"})
     >>> sorted(p.name for p in out.iterdir())
     ['adapter_config.json', 'adapter_model.safetensors']
 """
@@ -33,8 +33,8 @@ from peft_jax import errors
 from peft_jax.core.paths import map_with_path, tree_items
 from peft_jax.io.atomic import atomic_directory
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "flatten_params", "load_adapter",
-           "lora_config_dict", "restore_params", "save_adapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "flatten_params", "read_adapter_files",
+           "lora_config_dict", "restore_params", "write_adapter_files"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -140,7 +140,7 @@ def lora_config_dict(config: Any, **extra: Any) -> dict[str, Any]:
     }
 
 
-def save_adapter(directory: str | os.PathLike, params: Any, config: Mapping[str, Any]) -> Path:
+def write_adapter_files(directory: str | os.PathLike, params: Any, config: Mapping[str, Any]) -> Path:
     """Writes ``params`` and ``config`` to ``directory``, atomically.
 
     Args:
@@ -156,7 +156,7 @@ def save_adapter(directory: str | os.PathLike, params: Any, config: Mapping[str,
 
     Example:
         >>> import tempfile, pathlib
-        >>> d = save_adapter(pathlib.Path(tempfile.mkdtemp()) / "a", {"w": np.zeros(2)}, {})
+        >>> d = write_adapter_files(pathlib.Path(tempfile.mkdtemp()) / "a", {"w": np.zeros(2)}, {})
         >>> (d / ADAPTER_CONFIG).is_file()
         True
     """
@@ -175,8 +175,8 @@ def save_adapter(directory: str | os.PathLike, params: Any, config: Mapping[str,
     return directory
 
 
-def load_adapter(directory: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Reads an adapter directory written by `save_adapter`.
+def read_adapter_files(directory: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Reads an adapter directory written by `write_adapter_files`.
 
     Returns:
         ``(params, config)``: ``{path: numpy array}`` and the JSON config.
@@ -185,7 +185,7 @@ def load_adapter(directory: str | os.PathLike) -> tuple[dict[str, np.ndarray], d
         CheckpointError: the directory, a file, or valid contents are missing.
 
     Example:
-        >>> params, config = load_adapter("runs/default/adapter")  # doctest: +SKIP
+        >>> params, config = read_adapter_files("runs/default/adapter")  # doctest: +SKIP
     """
     from safetensors import SafetensorError  # noqa: PLC0415
     from safetensors.numpy import load_file  # noqa: PLC0415

@@ -323,7 +323,7 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
                                  task_type="SEQ_CLS", num_labels=dataset.num_labels,
                                  label_names=list(dataset.label_names),
                                  adapter_name=ADAPTER_NAME)
-    io.save_adapter(prep.out / "adapter", result.trainable, config)
+    io.write_adapter_files(prep.out / "adapter", result.trainable, config)
     plot_metrics(read_metrics(prep.out / "metrics.jsonl"), prep.out / "metrics.png",
                  title=f"LoRA r={s.rank} on {s.model} / {s.data}",
                  baselines={"linear probe": base.linear_probe_accuracy,

@@ -27,8 +27,8 @@ def test_round_trip_through_trainable_state(tmp_path):
     _, trainable, _ = peft_jax.nnx.split(model)
     trainable = jax_tree_scale(trainable, 3.0)
     config = io.lora_config_dict(cfg, base_model_name_or_path="toy")
-    out = io.save_adapter(tmp_path / "adapter", trainable, config)
-    params, loaded_config = io.load_adapter(out)
+    out = io.write_adapter_files(tmp_path / "adapter", trainable, config)
+    params, loaded_config = io.read_adapter_files(out)
     assert set(params) == {"layers/0/default/lora_a", "layers/0/default/lora_b",
                            "layers/1/default/kernel", "layers/1/default/bias"}
     assert loaded_config["r"] == 2 and loaded_config["lora_alpha"] == 4
@@ -54,9 +54,9 @@ def test_restore_rejects_other_shapes_and_paths(tmp_path):
 
 def test_save_replaces_atomically_and_failure_keeps_old(tmp_path, monkeypatch):
     out = tmp_path / "adapter"
-    io.save_adapter(out, {"w": np.ones(3, np.float32)}, {"v": 1})
-    io.save_adapter(out, {"w": np.full(3, 2.0, np.float32)}, {"v": 2})
-    params, config = io.load_adapter(out)
+    io.write_adapter_files(out, {"w": np.ones(3, np.float32)}, {"v": 1})
+    io.write_adapter_files(out, {"w": np.full(3, 2.0, np.float32)}, {"v": 2})
+    params, config = io.read_adapter_files(out)
     assert config == {"v": 2} and params["w"].tolist() == [2.0, 2.0, 2.0]
 
     import safetensors.numpy  # noqa: PLC0415
@@ -66,32 +66,32 @@ def test_save_replaces_atomically_and_failure_keeps_old(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.numpy, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        io.save_adapter(out, {"w": np.zeros(3, np.float32)}, {"v": 3})
-    params, config = io.load_adapter(out)
+        io.write_adapter_files(out, {"w": np.zeros(3, np.float32)}, {"v": 3})
+    params, config = io.read_adapter_files(out)
     assert config == {"v": 2} and params["w"].tolist() == [2.0, 2.0, 2.0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp left behind
 
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(errors.InvalidConfigError, match="JSON"):
-        io.save_adapter(tmp_path / "a", {"w": np.zeros(1)}, {"f": object()})
+        io.write_adapter_files(tmp_path / "a", {"w": np.zeros(1)}, {"f": object()})
     assert not (tmp_path / "a").exists()
     with pytest.raises(errors.InvalidConfigError, match="not an array"):
         io.flatten_params({"w": "text"})
     with pytest.raises(errors.CheckpointError, match="adapter_model.safetensors"):
-        io.load_adapter(tmp_path / "nothing")
+        io.read_adapter_files(tmp_path / "nothing")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / io.ADAPTER_WEIGHTS).write_bytes(b"garbage")
     (tmp_path / "broken" / io.ADAPTER_CONFIG).write_text(json.dumps({}))
     with pytest.raises(errors.CheckpointError, match="safetensors"):
-        io.load_adapter(tmp_path / "broken")
+        io.read_adapter_files(tmp_path / "broken")
     cfg = peft_jax.LoraConfig(targets=lambda path, leaf: True)
     with pytest.raises(errors.InvalidConfigError, match="regex string or a list"):
         adapter_module.lora_config_dict(cfg)
 
 
 def test_written_files_get_ordinary_modes(tmp_path):
-    out = io.save_adapter(tmp_path / "adapter", {"w": np.ones(2, np.float32)}, {})
+    out = io.write_adapter_files(tmp_path / "adapter", {"w": np.ones(2, np.float32)}, {})
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
