@@ -72,6 +72,22 @@ def make_loss(label_ids: jax.Array):
     return label_logits, loss
 
 
+def make_rank_loss(label_logits):
+    """Pairwise logistic loss on ``logit(great) - logit(bad)`` over the batch's (great, other)
+    pairs: a smooth AUC surrogate, blind to the bias between the two label words (0 for a
+    batch with one class only)."""
+
+    def loss(model, batch):
+        logits = label_logits(model, batch)
+        score = logits[:, 1] - logits[:, 0]
+        great = batch["labels"] == 1
+        pairs = (great[:, None] & ~great[None, :]).astype(jnp.float32)
+        margins = jax.nn.softplus(-(score[:, None] - score[None, :]))
+        return jnp.sum(pairs * margins) / jnp.maximum(jnp.sum(pairs), 1.0)
+
+    return loss
+
+
 def label_scores(model: nnx.Module, label_logits, arrays: dict, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """``(logits [n, 2], labels [n])`` over the whole batches of ``arrays``."""
     fn = nnx.jit(label_logits)
@@ -172,7 +188,8 @@ def plot(record: dict, path: Path) -> str | None:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot(record["search"]["history"], marker=".")
-    a.set(title="AutoPrompt search: batch loss of the kept trigger", xlabel="step", ylabel="2-way CE")
+    objective = record["settings"].get("objective", "ce")
+    a.set(title="AutoPrompt search: batch loss of the kept trigger", xlabel="step", ylabel=f"search loss ({objective})")
     for name, run in record["prompt_tuning"].items():
         steps, values = zip(*run["curve"])
         b.plot(steps, values, marker="o", label=f"from {name} (test AUC {run['test']['auc']:.3f})")
@@ -196,7 +213,8 @@ def markdown(r: dict) -> str:
         f"scores on {acc['found']['examples']} held-out TEST reviews (never searched or tuned on). "
         f"Majority class on that test subset: {r['test_majority']:.3f}.", "",
         f"Search: {s['num_tokens']} tokens, {s['steps']} steps, k={s['candidates_per_step']} candidates, "
-        f"batch {s['batch_size']}, {r['search']['vocabulary']} allowed ids, seed {s['seed']}, "
+        f"batch {s['batch_size']}, objective {s.get('objective', 'ce')}, {r['search']['vocabulary']} allowed ids, "
+        f"seed {s['seed']}, "
         f"start = the random trigger (c); {r['search']['accepted']} flips accepted; {r['search']['seconds']:.0f} s.",
         "", "Columns: test AUC of `logit(great) - logit(bad)` (threshold-free separation); accuracy at the "
         "threshold fitted on the search (TRAIN) rows; plain argmax accuracy; 2-way CE; share predicted great "
@@ -242,6 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--pt-lr", type=float, default=1e-2)
     p.add_argument("--pt-eval-every", type=int, default=10, help="search-set CE every N tuning steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", choices=("ce", "rank"), default="ce",
+                   help="search objective: 2-way CE, or the pairwise ranking loss (an AUC surrogate); "
+                        "prompt tuning always uses CE")
     p.add_argument("--out", default=str(RESULTS / "autoprompt"), help="path stem of the .json/.md/.png")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -272,12 +293,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record["settings"] = {"num_tokens": n, "steps": args.steps, "candidates_per_step": args.candidates,
                           "batch_size": args.batch_size, "review_tokens": args.review_tokens,
                           "search_examples": args.search_examples, "pt_steps": args.pt_steps, "pt_lr": args.pt_lr,
-                          "pt_eval_every": args.pt_eval_every,
+                          "pt_eval_every": args.pt_eval_every, "objective": args.objective,
                           "seed": args.seed, "data_seed": args.seed, "random_trigger_seed": [args.seed, 1]}
     print(f"{n}-token triggers; {len(vocab)} allowed ids; searching {args.steps} steps ...", flush=True)
 
     t0 = time.perf_counter()
-    found = search(model, loss_fn, train_arrays, config, init_ids=random_ids, tokenizer=tok)
+    search_loss = make_rank_loss(label_logits) if args.objective == "rank" else loss_fn
+    found = search(model, search_loss, train_arrays, config, init_ids=random_ids, tokenizer=tok)
     record["search"] = {"token_ids": found.token_ids, "tokens": found.tokens, "text": found.text,
                         "history": found.history, "accepted": found.accepted, "vocabulary": len(vocab),
                         "init_ids": random_ids, "seconds": time.perf_counter() - t0}
