@@ -38,8 +38,8 @@ from peft_jax.io.atomic import atomic_directory
 from peft_jax.io.tensor_files import read_tensors, write_tensors
 from peft_jax.methods.config import Placement, compose
 
-__all__ = ["NATIVE_CONFIG", "NATIVE_WEIGHTS", "has_native_adapter", "load_adapter", "read_native",
-           "save_adapter", "sites_config"]
+__all__ = ["NATIVE_CONFIG", "NATIVE_WEIGHTS", "attach_state", "has_native_adapter", "load_adapter", "read_native",
+           "refuse_non_empty", "save_adapter", "sites_config", "target_base"]
 
 NATIVE_CONFIG = "peft_jax_adapter.json"
 NATIVE_WEIGHTS = "peft_jax_adapter.safetensors"
@@ -48,9 +48,14 @@ VERSION = 1
 
 
 def save_adapter(target: Any, directory: str | os.PathLike, *, name: str = "default",
-                 variables: dict | None = None, overwrite: bool = False) -> Path:
+                 variables: dict | None = None, base_model: str | None = None,
+                 model_kwargs: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Writes adapter ``name`` of ``target`` (an NNX model, or a planned Linen handle with its
     ``variables``) to ``directory``, atomically.
+
+    ``base_model`` (a registered name or a path) and ``model_kwargs`` (e.g. ``{"num_labels": 2}``)
+    record how to load the base again (`peft_jax.models.load`), for the CLI's ``export`` and
+    ``generate --adapter``; they are optional and not checked (the base identity is).
 
     Raises:
         AdapterNameError: no adapter ``name`` is attached.
@@ -59,7 +64,7 @@ def save_adapter(target: Any, directory: str | os.PathLike, *, name: str = "defa
     """
     parts = _parts(target, variables, name)
     directory = Path(directory)
-    _refuse_non_empty(directory, overwrite)
+    refuse_non_empty(directory, overwrite)
     record = {
         "format": FORMAT, "version": VERSION, "name": parts.name,
         "sites": [{"path": path, "kind": kind, "methods": [codec.to_dict(m) for m in methods]}
@@ -67,6 +72,8 @@ def save_adapter(target: Any, directory: str | os.PathLike, *, name: str = "defa
         "base": {**identity.base_identity(parts.architecture, parts.base), "unchecked": list(parts.unchecked)},
         "written_by": _versions(),
     }
+    if base_model is not None:
+        record["base_model"] = {"name_or_path": str(base_model), "kwargs": dict(model_kwargs or {})}
     text = json.dumps(record, indent=1) + "\n"
     with atomic_directory(directory) as tmp:
         write_tensors(tmp / NATIVE_WEIGHTS, parts.state, {"format": FORMAT, "name": parts.name})
@@ -99,9 +106,12 @@ def load_adapter(target: Any, directory: str | os.PathLike, *, name: str | None 
     name = saved if name is None else name
     config = sites_config(record["sites"])
     state = frontends.rename(state, saved, name) if name != saved else state
-    if _is_nnx(target):
-        return _load_nnx(target, record, config, state, name, rngs, allow_different_weights)
-    return _load_linen(target, record, config, state, name, variables, sample, allow_different_weights)
+
+    def check(architecture, base, plan):
+        _check_base(record, architecture, base, allow_different_weights)
+        _check_sites(record, plan)
+
+    return attach_state(target, config, state, name, variables=variables, sample=sample, rngs=rngs, check=check)
 
 
 def read_native(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -163,22 +173,27 @@ def _parts(target: Any, variables: dict | None, name: str) -> frontends.AdapterP
     return frontends.linen_parts(target, variables, name)
 
 
-def _load_nnx(model, record, config, state, name, rngs, allow_different_weights):
-    from flax import nnx  # noqa: PLC0415
+def attach_state(target: Any, config: Any, state: dict[str, Any], name: str, *, variables: dict | None = None,
+                 sample: tuple = (), rngs: Any = None, check: Any = None) -> Any:
+    """Attaches ``config`` to ``target`` under ``name`` and writes the canonical ``state`` in,
+    after every check: ``check(architecture, base, plan)`` (the caller's, e.g. the base identity),
+    the plan, and each tensor's shape. Nothing changes when a check fails.
 
-    from peft_jax import nnx as peft_nnx  # noqa: PLC0415
+    Returns the NNX model, or ``(handle, variables)`` for a Linen module or handle.
+    """
+    if _is_nnx(target):
+        from flax import nnx  # noqa: PLC0415
 
-    base = frontends.nnx_base(model)
-    _check_base(record, frontends._architecture(model), base, allow_different_weights)
-    plan = peft_nnx.plan(model, config, name)  # every check, before anything changes
-    _check_sites(record, plan)
-    frontends.check_state(state, frontends.expected_shapes(plan, base))
-    peft_nnx.attach(model, config, rngs=rngs or nnx.Rngs(0), name=name)
-    frontends.write_nnx(model, name, state)
-    return model
+        from peft_jax import nnx as peft_nnx  # noqa: PLC0415
 
-
-def _load_linen(target, record, config, state, name, variables, sample, allow_different_weights):
+        base = frontends.nnx_base(target)
+        plan = peft_nnx.plan(target, config, name)  # every check, before anything changes
+        if check is not None:
+            check(frontends._architecture(target), base, plan)
+        frontends.check_state(state, frontends.expected_shapes(plan, base))
+        peft_nnx.attach(target, config, rngs=rngs or nnx.Rngs(0), name=name)
+        frontends.write_nnx(target, name, state)
+        return target
     import jax  # noqa: PLC0415
 
     from peft_jax import linen as peft_linen  # noqa: PLC0415
@@ -189,13 +204,22 @@ def _load_linen(target, record, config, state, name, variables, sample, allow_di
     handle = target.attach(config, name) if isinstance(target, peft_linen.Peft) \
         else peft_linen.attach(target, config, name)
     base = frontends.linen_base(variables)
-    _check_base(record, frontends._architecture(handle.module), base, allow_different_weights)
     handle = handle.plan(variables, *sample)
     plan = next(a for a in handle.plans if a.name == name)
-    _check_sites(record, plan)
+    if check is not None:
+        check(frontends._architecture(handle.module), base, plan)
     frontends.check_state(state, frontends.expected_shapes(plan, base))
     variables = handle.init(jax.random.key(0), variables)
     return handle, frontends.write_linen(handle, variables, name, state)
+
+
+def target_base(target: Any, variables: dict | None = None) -> tuple[str, dict[str, Any]]:
+    """``(architecture, frozen base leaves by path)`` of an NNX model or a Linen module/handle."""
+    if _is_nnx(target):
+        return frontends._architecture(target), frontends.nnx_base(target)
+    if variables is None:
+        raise errors.InvalidConfigError("a Linen module needs variables= (and sample= inputs) to load into")
+    return frontends._architecture(getattr(target, "module", target)), frontends.linen_base(variables)
 
 
 def _check_base(record, architecture, base, allow_different_weights):
@@ -215,7 +239,9 @@ def _check_sites(record, plan):
             "load it onto the architecture it was saved from")
 
 
-def _refuse_non_empty(directory: Path, overwrite: bool) -> None:
+def refuse_non_empty(directory: Path, overwrite: bool) -> None:
+    """Raises `CheckpointError` when ``directory`` is a file, or a non-empty directory without
+    ``overwrite``: checked before anything is computed or written."""
     if directory.exists() and not directory.is_dir():
         raise errors.CheckpointError(f"{directory} exists and is not a directory; choose another path")
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
