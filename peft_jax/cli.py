@@ -6,6 +6,10 @@ Example:
     $ peft-jax train --config run.yaml --lr 5e-4      # flags override the file
     $ peft-jax train --out runs/a --resume            # continue a stopped run where it stopped
     $ peft-jax generate --model smollm2-135m --greedy --chat --prompt "What is the capital of France?"
+    $ peft-jax generate --model smollm2-135m --adapter runs/lm/adapter --greedy --prompt "It is a truth"
+    $ peft-jax export --adapter runs/r4/adapter --format hf-peft --out exports/r4-hf
+    $ peft-jax import --from downloads/some-hf-lora --model smollm2-135m --out adapters/some
+    $ peft-jax merge --model smollm2-135m --adapter runs/lm/adapter --out merged/smollm2-lm
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                     "defaults: temperature 0.8, top-p 0.95 (see --greedy).")
     add = p.add_argument
     add("--model", required=True, metavar="NAME_OR_PATH", help="registered name, .gguf or HF dir")
-    add("--adapter", metavar="DIR", help="adapter directory (not supported yet)")
+    add("--adapter", metavar="DIR",
+        help="adapter directory to apply (peft_jax, HF PEFT or AdapterHub files)")
     add("--prompt", required=True, help="the prompt text")
     add("--max-new-tokens", type=int, default=64, metavar="N", help="at most N new tokens")
     add("--greedy", action="store_true", help="argmax decoding instead of sampling")
@@ -98,6 +103,61 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_generate)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write an adapter in another format (HF PEFT, AdapterHub)",
+        description="Load the adapter in --adapter onto its base and write it in --format to --out. "
+                    "The base is the one the adapter records, or --model.")
+    add = p.add_argument
+    add("--adapter", required=True, metavar="DIR", help="adapter directory (any format)")
+    add("--format", required=True, choices=("hf-peft", "adapterhub", "peft_jax"), help="output format")
+    add("--out", required=True, metavar="DIR", help="new output directory")
+    add("--model", metavar="NAME_OR_PATH", help="the base model (default: as the adapter records)")
+    add("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_command("export_command"))
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import", help="read an HF PEFT or AdapterHub adapter into peft_jax's format",
+        description="Attach the adapter in --from to its base (checking every tensor against it) "
+                    "and save it in peft_jax's own format, which records the base's identity.")
+    add = p.add_argument
+    add("--from", dest="source", required=True, metavar="DIR", help="HF PEFT or AdapterHub adapter directory")
+    add("--out", required=True, metavar="DIR", help="new output directory")
+    add("--model", metavar="NAME_OR_PATH", help="the base model (default: base_model_name_or_path)")
+    add("--num-labels", type=int, metavar="N", help="classes, for an encoder classifier")
+    add("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_command("import_command"))
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge", help="merge an adapter into its base and write an HF-layout checkpoint",
+        description="Merge the adapter into the base's weights and write config.json + "
+                    "safetensors (sharded above --max-shard-size) that transformers loads.")
+    add = p.add_argument
+    add("--model", required=True, metavar="NAME_OR_PATH", help="registered name, .gguf or HF dir")
+    add("--adapter", required=True, metavar="DIR", help="adapter directory (any format)")
+    add("--out", required=True, metavar="DIR", help="new output directory")
+    add("--max-shard-size", default="2GB", metavar="SIZE", help="largest shard file (default: 2GB)")
+    add("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_command("merge_command"))
+
+
+def _command(name: str):
+    """A handler calling ``peft_jax.io.commands.<name>`` with the parsed flags."""
+
+    def run(args: argparse.Namespace) -> int:
+        from peft_jax.io import commands  # noqa: PLC0415 (keeps `--help` fast)
+
+        flags = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+        print(getattr(commands, name)(**flags), flush=True)
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``peft-jax`` argument parser."""
     parser = argparse.ArgumentParser(prog="peft-jax", description=__doc__.splitlines()[0])
@@ -105,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_train(sub)
     _add_generate(sub)
+    _add_export(sub)
+    _add_import(sub)
+    _add_merge(sub)
     return parser
 
 

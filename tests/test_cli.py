@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from train import tiny
 
-from peft_jax import cli, io
+import peft_jax
+from peft_jax import cli, io, models
+from peft_jax.io import saving
 from peft_jax.train.metrics import read_metrics
 
 FAST = ["--max-length", "16", "--bucket", "16", "--batch-size", "8", "--eval-batch-size", "24",
@@ -65,16 +67,24 @@ def test_metrics_jsonl(trained):
     assert evals[-1]["eval_accuracy"] == results["test_accuracy"]
 
 
-def test_adapter_files(trained):
-    params, config = io.read_adapter_files(trained / "adapter")
-    assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4
-    assert config["modules_to_save"] == ["classifier"]
+def test_adapter_files(trained, model_dir):
+    """adapter/ holds peft_jax's files (which load back onto the base) and HF PEFT's."""
+    record, params = saving.read_native(trained / "adapter")
+    assert record["base_model"] == {"name_or_path": str(model_dir), "kwargs": {"num_labels": 2}}
+    assert [m["type"] for site in record["sites"] for m in site["methods"]].count("peft_jax.methods.lora.Lora") == 4
     assert any(k.endswith("attention/self/query/default/lora_a") for k in params)
-    assert "classifier/default/kernel" in params
     results = json.loads((trained / "results.json").read_text())
     assert sum(v.size for v in params.values()) == results["trainable_params"]
     b = [v for k, v in params.items() if k.endswith("lora_b")]
     assert b and any(np.abs(v).max() > 0 for v in b)  # trained away from the zero init
+    # The recipe's classifier mean-pools; transformers' BERT classifier pools through the pooler,
+    # so HF PEFT would compute other logits: the HF files are left out (a notice says so).
+    assert results["adapter_formats"] == ["peft_jax"]
+    assert not (trained / "adapter" / "adapter_config.json").exists()
+    loaded = io.load_any(models.load(str(model_dir), "float32", **record["base_model"]["kwargs"]),
+                         trained / "adapter")
+    again = peft_jax.nnx.adapter_state(loaded, "default")
+    assert sorted(again) == sorted(k for k in params if "/trained_base/" not in k)
 
 
 def test_prefix_cache_path(tmp_path, model_dir, data_dir, capsys):
@@ -86,10 +96,26 @@ def test_prefix_cache_path(tmp_path, model_dir, data_dir, capsys):
     assert "cached the frozen embeddings + layers 0..0" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert results["prefix_cache_depth"] == 1
-    params, config = io.read_adapter_files(out / "adapter")
+    record, params = saving.read_native(out / "adapter")
     assert all("layer/0/" not in k for k in params)
     assert any("layer/1/attention/self/value" in k for k in params)
-    assert "layer/(?:1)/" in config["target_modules"]
+    assert {s["path"].split("/layer/")[1][0] for s in record["sites"] if "/layer/" in s["path"]} == {"1"}
+
+
+def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, capsys, model_dir, data_dir, trained):
+    """A restart loop always passing --resume: a run killed before its first checkpoint (here: a
+    killed run's leftover metrics, no checkpoints) starts again and ends as an unbroken run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    config = trained.parent / "run.json"
+    argv = ["train", "--model", str(model_dir), "--data", str(data_dir), "--config", str(config),
+            "--steps", "8", "--eval-every", "4", "--out", str(out), "--resume", *FAST]
+    assert cli.main(argv) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    (_, want), (_, got) = saving.read_native(trained / "adapter"), saving.read_native(out / "adapter")
+    assert sorted(want) == sorted(got) and all(np.array_equal(want[k], got[k]) for k in want)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [2, 4, 6, 8]
 
 
 def _assert_nothing_written(tmp_path, out):
@@ -108,7 +134,6 @@ def _assert_nothing_written(tmp_path, out):
     ("--mesh", "data=3", r"MeshError: mesh \{'data': 3\} needs 3 devices but 8 are available"),
     ("--mesh", "rows=2", r"MeshError: .*unknown or missing axes \['rows'\]"),
     ("--mesh", "data=8 --batch-size 12", r"BatchError: --batch-size 12 does not divide .* 8 ways"),
-    ("--resume", None, r"ResumeError: .*checkpoints does not exist, so there is nothing to resume"),
 ])
 def test_bad_input_writes_nothing(tmp_path, capsys, model_dir, data_dir, flag, value, match):
     out = tmp_path / "out"

@@ -122,7 +122,6 @@ def test_unknown_model_lists_known_names(capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--adapter", "some/dir"], "--adapter is not supported yet"),
     (["--greedy", "--temperature", "0.5"], "--greedy takes the most likely token"),
     (["--temperature", "0"], "pass --greedy instead"),
     (["--top-p", "1.5"], "top_p must be in"),
@@ -132,6 +131,11 @@ def test_unknown_model_lists_known_names(capsys):
 def test_bad_flags_are_typed_errors_before_loading(capsys, flags, message):
     code, _, err = _run(capsys, "--model", "/nonexistent/dir", "--prompt", "hi", *flags)
     assert code == 2 and "InvalidConfigError" in err and message in err
+
+
+def test_missing_adapter_is_refused_before_loading(capsys, tmp_path):
+    code, _, err = _run(capsys, "--model", "/nonexistent/dir", "--prompt", "hi", "--adapter", str(tmp_path))
+    assert code == 2 and "CheckpointError" in err and "holds no adapter" in err
 
 
 def test_encoder_model_is_refused(tmp_path):

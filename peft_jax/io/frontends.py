@@ -32,6 +32,7 @@ from peft_jax import errors
 from peft_jax.core.paths import tree_items
 from peft_jax.methods.base import Method
 from peft_jax.methods.initializers import OLoRA, PiSSA
+from peft_jax.methods.selection import TrainCopy
 
 __all__ = ["AdapterParts", "TRAINED_BASE", "linen_parts", "nnx_parts", "rename", "write_linen",
            "write_nnx"]
@@ -100,6 +101,13 @@ def _missing(name: str, known: set[str]) -> errors.AdapterNameError:
 
 
 # --- NNX --------------------------------------------------------------------------------------------
+def _replaced(sites: list, base: dict[str, Any]) -> set[str]:
+    """Base leaves of modules the adapter trains whole (`TrainCopy`: modules_to_save, LayerNorm
+    tuning): the adapter holds their copy, so the originals (a fresh head, say) do not identify the base."""
+    prefixes = [path + "/" for path, _, methods in sites if any(isinstance(m, TrainCopy) for m in methods)]
+    return {p for p in base if any(p.startswith(prefix) for prefix in prefixes)}
+
+
 def nnx_parts(model: nnx.Module, name: str) -> AdapterParts:
     """Adapter ``name`` of an NNX model (see `AdapterParts`)."""
     from peft_jax import nnx as peft_nnx  # noqa: PLC0415 (peft_jax.nnx imports peft_jax.io)
@@ -120,8 +128,9 @@ def nnx_parts(model: nnx.Module, name: str) -> AdapterParts:
         raise _missing(name, peft_nnx.adapter_names(model))
     state = {**_numpy(peft_nnx.adapter_state(model, name)), **_numpy(trained)}
     trained_paths = {k.replace(f"/{name}/{TRAINED_BASE}/", "/") for k in trained}
-    skip = trained_paths | rewritten
-    base = {p: v for p, v in nnx_base(model).items() if p not in skip}
+    everything = nnx_base(model)
+    skip = trained_paths | rewritten | _replaced(sites, everything)
+    base = {p: v for p, v in everything.items() if p not in skip}
     return AdapterParts(name, _architecture(model), tuple(sites), state, base, tuple(sorted(skip)))
 
 
@@ -215,8 +224,9 @@ def linen_parts(handle: Any, variables: dict, name: str) -> AdapterParts:
                 rewritten.update(f"{s.path}/{k}" for k, _ in tree_items(_get(params, s.path)) if k != "bias")
     state = {**_numpy(handle.adapter_state(variables, name)), **_numpy(trained)}
     trained_paths = {k.replace(f"/{name}/{TRAINED_BASE}/", "/") for k in trained}
-    skip = trained_paths | rewritten
-    base = {p: v for p, v in tree_items(params) if p not in skip}
+    everything = dict(tree_items(params))
+    skip = trained_paths | rewritten | _replaced(sites, everything)
+    base = {p: v for p, v in everything.items() if p not in skip}
     return AdapterParts(name, _architecture(handle.module), tuple(sites), state, base, tuple(sorted(skip)))
 
 

@@ -38,8 +38,8 @@ from peft_jax.io.atomic import atomic_directory
 from peft_jax.io.tensor_files import read_tensors, write_tensors
 from peft_jax.methods.config import Placement, compose
 
-__all__ = ["NATIVE_CONFIG", "NATIVE_WEIGHTS", "attach_state", "has_native_adapter", "load_adapter", "read_native",
-           "refuse_non_empty", "save_adapter", "sites_config", "target_base"]
+__all__ = ["NATIVE_CONFIG", "NATIVE_WEIGHTS", "adapter_parts", "attach_state", "has_native_adapter", "load_adapter",
+           "read_native", "refuse_non_empty", "save_adapter", "sites_config", "target_base"]
 
 NATIVE_CONFIG = "peft_jax_adapter.json"
 NATIVE_WEIGHTS = "peft_jax_adapter.safetensors"
@@ -62,7 +62,7 @@ def save_adapter(target: Any, directory: str | os.PathLike, *, name: str = "defa
         InvalidConfigError: a method holds a value that cannot be written (a callable).
         CheckpointError: ``directory`` exists and is not empty, without ``overwrite``.
     """
-    parts = _parts(target, variables, name)
+    parts = adapter_parts(target, variables, name)
     directory = Path(directory)
     refuse_non_empty(directory, overwrite)
     record = {
@@ -162,7 +162,8 @@ def _is_nnx(target: Any) -> bool:
     return isinstance(target, nnx.Module)
 
 
-def _parts(target: Any, variables: dict | None, name: str) -> frontends.AdapterParts:
+def adapter_parts(target: Any, variables: dict | None, name: str) -> frontends.AdapterParts:
+    """`AdapterParts` of adapter ``name`` of an NNX model or a planned Linen handle."""
     if _is_nnx(target):
         return frontends.nnx_parts(target, name)
     from peft_jax.linen import Peft  # noqa: PLC0415

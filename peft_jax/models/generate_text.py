@@ -165,7 +165,8 @@ def generate_command(model: str, prompt: str, *, adapter: str | None = None,
     Args:
         model: A registered name (``smollm2-135m``), a ``.gguf`` file or an HF-layout directory.
         prompt: The prompt text.
-        adapter: An adapter directory (not supported yet: raises).
+        adapter: An adapter directory (peft_jax, HF PEFT or AdapterHub files) applied to the
+            decoder (`peft_jax.io.formats.load_any`).
         max_new_tokens: At most this many new tokens.
         greedy: Argmax decoding; otherwise sampling (:func:`sampling_from_flags`).
         chat: Wrap the prompt in the model's chat template as one user turn.
@@ -178,24 +179,29 @@ def generate_command(model: str, prompt: str, *, adapter: str | None = None,
         The generated text (without the prompt and special tokens).
 
     Raises:
-        InvalidConfigError: ``adapter`` given, inconsistent flags, an encoder model.
+        InvalidConfigError: inconsistent flags, an encoder model, an adapter that does not fit.
         UnknownNameError, MissingPackageError, CheckpointError: As :func:`load_generator`.
 
     Example:
-        >>> generate_command("smollm2-135m", "hi", adapter="runs/x")
+        >>> generate_command("smollm2-135m", "hi", adapter="no/such/dir")
         Traceback (most recent call last):
         ...
-        peft_jax.errors.InvalidConfigError: --adapter is not supported yet: reading adapter files into a decoder comes with the adapter-file issue; run without --adapter to use the base model
+        peft_jax.errors.CheckpointError: no/such/dir holds no adapter: ...
     """
     if adapter is not None:
-        raise InvalidConfigError(
-            "--adapter is not supported yet: reading adapter files into a decoder comes with the "
-            "adapter-file issue; run without --adapter to use the base model")
+        from peft_jax.io.formats import detect_format  # noqa: PLC0415
+
+        detect_format(adapter)  # before the model loads
     if max_new_tokens < 1:
         raise InvalidConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     sampling = sampling_from_flags(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
     if system is not None and not chat:
         raise InvalidConfigError("--system needs --chat: plain prompts have no place for it")
     decoder, tokenizer = load_generator(model, dtype)
+    if adapter is not None:
+        from peft_jax.io.formats import load_any  # noqa: PLC0415
+
+        decoder = load_any(decoder, adapter)
+        decoder.eval()
     return complete(decoder, tokenizer, [prompt], max_new_tokens=max_new_tokens, sampling=sampling,
                     chat=chat, system=system, seed=seed)[0]

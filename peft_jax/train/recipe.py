@@ -5,7 +5,8 @@ the output directory) so bad input fails before any compile and before anything 
 it computes the majority-class and linear-probe baselines on the frozen encoder, trains with
 `peft_jax.train.fit`, and writes to the output directory:
 
-* ``adapter/``: ``adapter_model.safetensors`` + ``adapter_config.json`` (atomic),
+* ``adapter/``: peft_jax's ``peft_jax_adapter.{json,safetensors}`` (`peft_jax.load_adapter`, which
+  checks the base) and HF PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, atomic,
 * ``metrics.jsonl``: training and evaluation records,
 * ``metrics.png``: loss and accuracy curves with the baselines,
 * ``results.json``: accuracies, parameter counts, wall time and every setting (atomic),
@@ -114,20 +115,16 @@ def _mesh(settings: TrainSettings) -> Any:
 
 
 def _resume_step(settings: TrainSettings, out: Path) -> int | None:
-    """The step ``--resume`` continues from; refuses a missing or foreign checkpoint."""
-    if not settings.resume:
-        return None
+    """The step ``--resume`` continues from: ``None`` when there is no checkpoint yet (the run
+    was stopped before its first save, so it starts from step 0, which makes a restart loop
+    that always passes ``--resume`` work); refuses a foreign checkpoint."""
     directory = out / "checkpoints"
-    if not directory.is_dir():
-        raise errors.ResumeError(
-            f"--resume: {directory} does not exist, so there is nothing to resume; start the run "
-            "without --resume (or pass the --out of the run to continue)")
+    if not settings.resume or not directory.is_dir():
+        return None
     checkpointer = Checkpointer(str(directory), fingerprint=settings.fingerprint())
     step = checkpointer.latest_step()
-    if step is None:
-        raise errors.ResumeError(f"--resume: {directory} holds no finished checkpoint; start the "
-                                 "run again without --resume")
-    checkpointer.check_fingerprint()
+    if step is not None:
+        checkpointer.check_fingerprint()
     checkpointer.close()
     return step
 
@@ -142,7 +139,7 @@ def prepare(settings: TrainSettings) -> Prepared:
         InvalidConfigError: a bad selector, layers the model lacks, or a non-empty output
             directory (without ``resume``).
         MeshError, BatchError: a mesh that does not fit the devices or the batch size.
-        ResumeError: ``resume`` without a checkpoint, or with one of a different run.
+        ResumeError: ``resume`` with a checkpoint of a different run.
     """
     checkpoint = models.resolve(settings.model)
     if checkpoint.family != "encoder" or checkpoint.kind != "hf_dir":
@@ -262,6 +259,22 @@ def _train(prep: Prepared, step: Any, trainable: Any, frozen: Any, train_inputs:
     return result
 
 
+def _save_adapter(model: Any, prep: Prepared, say: Callable[[str], None]) -> list[str]:
+    """Writes ``adapter/`` in peft_jax's format and, where it can hold the adapter, HF PEFT's
+    (``PeftModel.from_pretrained(base, out/"adapter")`` reads it); returns the formats written."""
+    s = prep.settings
+    common = dict(name=ADAPTER_NAME, base_model=s.model, model_kwargs={"num_labels": prep.dataset.num_labels},
+                  overwrite=True)
+    try:
+        io.save_formats(model, prep.out / "adapter", base_model_name_or_path=str(prep.checkpoint.path),
+                        task_type="SEQ_CLS", **common)
+        return ["peft_jax", "hf-peft"]
+    except errors.InvalidConfigError as e:
+        say(f"adapter/: peft_jax format only; HF PEFT cannot hold this adapter ({e})")
+        io.save_formats(model, prep.out / "adapter", formats=("peft_jax",), **common)
+        return ["peft_jax"]
+
+
 def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Runs the whole recipe and returns the contents of ``results.json``.
 
@@ -276,6 +289,8 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     t_start = time.perf_counter()
     prep = prepare(settings)
     s, dataset = settings, prep.dataset
+    if s.resume and prep.resume_step is None:
+        say(f"--resume: no checkpoint in {prep.checkpoint_dir} yet; starting from step 0")
     tokenizer = models.load_tokenizer(prep.checkpoint.path)
     model = models.load_encoder(prep.checkpoint.path, "float32", num_labels=dataset.num_labels,
                                 seed=s.seed)
@@ -319,15 +334,8 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     result = _train(prep, step, trainable, frozen, train_inputs, evaluate=evaluate, rng=rng,
                     num_steps=num_steps, eval_every=eval_every, log=log)
     final = result.last_eval or {}
-    config = io.lora_config_dict(prep.lora, base_model_name_or_path=s.model,
-                                 task_type="SEQ_CLS", num_labels=dataset.num_labels,
-                                 label_names=list(dataset.label_names),
-                                 adapter_name=ADAPTER_NAME)
-    io.write_adapter_files(prep.out / "adapter", result.trainable, config)
-    plot_metrics(read_metrics(prep.out / "metrics.jsonl"), prep.out / "metrics.png",
-                 title=f"LoRA r={s.rank} on {s.model} / {s.data}",
-                 baselines={"linear probe": base.linear_probe_accuracy,
-                            "majority": base.majority_accuracy})
+    nnx.update(model, jax.device_get(result.trainable))
+    formats = _save_adapter(model, prep, say)
     train_tokens = [r["tokens_per_s"] for r in result.history if "tokens_per_s" in r]
     results = {
         "method": s.method,
@@ -355,9 +363,13 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         "mesh": dict(prep.mesh.shape) if prep.mesh is not None else None,
         "jax_version": jax.__version__,
         "settings": s.to_dict() | {"out": str(prep.out)},
-        "adapter_config": config,
+        "adapter_formats": formats,
     }
-    io.write_json_atomic(prep.out / "results.json", results)
+    io.write_json_atomic(prep.out / "results.json", results)  # before the plot: it may fail
+    plot_metrics(read_metrics(prep.out / "metrics.jsonl"), prep.out / "metrics.png",
+                 title=f"LoRA r={s.rank} on {s.model} / {s.data}",
+                 baselines={"linear probe": base.linear_probe_accuracy,
+                            "majority": base.majority_accuracy})
     say(report(results))
     return results
 
