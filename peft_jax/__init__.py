@@ -11,7 +11,7 @@ Example:
     trainable params: 32 || all params: 122 || trainable%: 26.2295
 """
 
-from peft_jax import errors, hooks, linen, modules, nnx, prompts
+from peft_jax import arithmetic, errors, hooks, linen, modules, nnx, prompts
 from peft_jax.core import (
     ParamSummary,
     Rules,
@@ -68,7 +68,7 @@ from peft_jax.train import make_train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "adapter_drop", "lowest_layers", "from_dict", "load_adapter", "save_adapter", "to_dict",
+    "adapter_drop", "arithmetic", "lowest_layers", "from_dict", "load_adapter", "save_adapter", "to_dict",
     "AdaLora", "AdaptionPrompt", "Bottleneck", "PTuning", "PrefixTuning", "PromptTuning", "adapters", "at_taps",
     "Average", "Parallel", "Stack", "replicate", "hooks", "modules", "llama_adapter", "mam", "p_tuning",
     "prefix_tuning", "prompt_tuning", "prompts", "unipelt",
