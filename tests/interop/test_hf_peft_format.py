@@ -110,3 +110,39 @@ def test_one_call_save_and_load(bases, tmp_path, arch):
     ref._assert_logits_match(arch, hf, ours, ref._batch(arch))
     again = hf_peft.load_hf_peft(ref._load_ours(arch, d), out, name="other")
     ref._assert_logits_match(arch, hf, again, ref._batch(arch))
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    """A tiny random Qwen2 (biased q/k/v, tied embeddings), saved; decoder helpers of `ref` apply."""
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ref.LLAMA, tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    d = tmp_path_factory.mktemp("qwen2")
+    hf.save_pretrained(d, safe_serialization=True)
+    return hf, d
+
+
+def test_qwen2_both_ways(qwen2, tmp_path):
+    hf_base, d = qwen2
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    ours = peft_jax.nnx.attach(ref._load_ours("llama", d), peft_jax.LoraConfig(targets=targets, rank=4, alpha=8),
+                               rngs=nnx.Rngs(1))
+    _randomised(ours, 6)
+    out = hf_peft.save_hf_peft(ours, tmp_path / "a", task_type="CAUSAL_LM")
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(hf_base), out).eval()
+    batch = ref._batch("llama")
+    ref._assert_logits_match("llama", hf, ours, batch)  # ours -> HF
+    assert np.abs(ref._hf_logits("llama", hf_base, batch) - ref._hf_logits("llama", hf, batch)).max() > 1e-2
+
+    made = peft.get_peft_model(copy.deepcopy(hf_base), peft.LoraConfig(target_modules=targets, r=2, lora_alpha=4))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in made.named_parameters():
+            if "lora_" in n:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    made.eval().save_pretrained(tmp_path / "h")
+    again = hf_peft.load_hf_peft(ref._load_ours("llama", d), tmp_path / "h")
+    ref._assert_logits_match("llama", made, again, batch)  # HF -> ours
