@@ -28,6 +28,7 @@ from peft_jax.io.atomic import atomic_directory
 from peft_jax.io.frontends import AdapterParts
 from peft_jax.io.hf_peft.keys import ROOT
 from peft_jax.io.hf_peft.lora import export_lora, import_lora, is_lora_family
+from peft_jax.io.hf_peft.per_module import FAMILIES, export_per_module, family_of, import_per_module
 from peft_jax.io.saving import refuse_non_empty
 from peft_jax.io.tensor_files import read_tensors, write_tensors
 
@@ -35,6 +36,9 @@ __all__ = ["HF_CONFIG", "HF_WEIGHTS", "ROOT", "export_hf_peft", "import_hf_peft"
 
 HF_CONFIG = "adapter_config.json"
 HF_WEIGHTS = "adapter_model.safetensors"
+#: the HF PEFT release whose file layout and parameterizations (OFT's Cayley-Neumann series since
+#: 0.18) these files follow: the interop tests load them with it.
+PEFT_VERSION = "0.21.2"
 
 
 def export_hf_peft(parts: AdapterParts, out_dir: str | os.PathLike, *, key_map: Any,
@@ -56,14 +60,18 @@ def export_hf_peft(parts: AdapterParts, out_dir: str | os.PathLike, *, key_map: 
     elif is_lora_family(parts.sites):
         fields, tensors = export_lora(parts.sites, parts.state, parts.base, parts.name, key_map)
         tensors = {ROOT + k: v for k, v in tensors.items()}
+    elif family_of(parts.sites) is not None:
+        fields, tensors = export_per_module(parts.sites, parts.state, parts.name, key_map)
+        tensors = {ROOT + k: v for k, v in tensors.items()}
     else:
         methods = sorted({type(m).__name__ for _, _, ms in parts.sites for m in ms})
         raise errors.InvalidConfigError(
-            f"the HF PEFT export holds the LoRA family (LoRA, rsLoRA, DoRA, modules_to_save) and the prompt "
-            f"family so far; this adapter has {methods}. Save it with peft_jax.save_adapter (bottleneck "
+            f"the HF PEFT export holds the LoRA family (LoRA, rsLoRA, DoRA, modules_to_save), IA3, LoHa, LoKr, "
+            f"OFT and the prompt family so far, one kind per adapter; this adapter has {methods}. "
+            f"Save it with peft_jax.save_adapter (bottleneck "
             "adapters and Compacter also as AdapterHub files: peft_jax.io.adapterhub)")
     config = {**fields, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-              "revision": None, "inference_mode": True}
+              "revision": None, "inference_mode": True, "peft_version": PEFT_VERSION}
     text = json.dumps(config, indent=2) + "\n"
     with atomic_directory(out_dir) as tmp:
         write_tensors(tmp / HF_WEIGHTS, tensors, {"format": "pt"})
@@ -102,8 +110,10 @@ def import_hf_peft(in_dir: str | os.PathLike, *, architecture: str, base: dict[s
     if peft_type in virtual_tokens.VIRTUAL_TOKEN_TYPES:
         with_root = read_tensors(Path(in_dir) / HF_WEIGHTS)
         return virtual_tokens.import_virtual_tokens(config, with_root, architecture, name)
+    if peft_type in FAMILIES:
+        return import_per_module(config, tensors, base, name, key_map)
     if peft_type != "LORA":
-        known = ["LORA", *sorted(virtual_tokens.VIRTUAL_TOKEN_TYPES)]
+        known = ["LORA", *sorted(FAMILIES), *sorted(virtual_tokens.VIRTUAL_TOKEN_TYPES)]
         raise errors.InvalidConfigError(
             f"peft_type {peft_type!r} is not supported by the HF PEFT import yet (supported: {known})")
     return import_lora(config, tensors, base, name, key_map)

@@ -1,0 +1,193 @@
+"""IA3, LoHa, LoKr and OFT in HF PEFT's files: one method per module, its tensors under
+``base_model.model.<module>.`` in torch layout.
+
+Each family is a table: its ``peft_type``, its method class, and which of the method's fields
+``adapter_config.json`` holds (under HF's name; ``rank`` is HF's ``r``). Per-module ranks and
+alphas go to ``rank_pattern`` / ``alpha_pattern``; IA3's per-module ``feedforward`` to
+``feedforward_modules``; every other field must be one value for the adapter. Tensors keep HF's
+names (``ia3_l``, ``hada_w1_a``, ``lokr_w2_b``, ``oft_R.weight``); 2-D factors are transposed
+(our ``(in, out)`` against torch's ``(out, in)``), IA3's vector is ``(out, 1)`` in HF, or
+``(1, in)`` on a feed-forward module.
+
+Example:
+    >>> import numpy as np
+    >>> from peft_jax.methods import IA3
+    >>> from peft_jax.io.hf_peft.keys import DECODER
+    >>> sites = [("layers/0/mlp/down_proj", "linear", (IA3(feedforward=True),))]
+    >>> state = {"layers/0/mlp/down_proj/default/ia3_l": np.ones(6, np.float32)}
+    >>> config, tensors = export_per_module(sites, state, "default", DECODER)
+    >>> config["peft_type"], config["feedforward_modules"], tensors["model.layers.0.mlp.down_proj.ia3_l"].shape
+    ('IA3', ['model.layers.0.mlp.down_proj'], (1, 6))
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from peft_jax import errors
+from peft_jax.io.hf_peft.keys import ROOT, KeyMap
+from peft_jax.methods import IA3, OFT, LoHa, LoKr
+from peft_jax.methods.config import Placement, compose
+
+__all__ = ["FAMILIES", "export_per_module", "family_of", "import_per_module"]
+
+Sites = Sequence[tuple[str, str, tuple[Any, ...]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one method family sits in HF PEFT's files."""
+
+    peft_type: str
+    method: type
+    #: our fields that adapter_config.json holds as one value for the adapter.
+    uniform: tuple[str, ...]
+    #: whether rank / alpha may differ per module (HF's rank_pattern / alpha_pattern).
+    patterns: bool = False
+
+
+FAMILIES = {f.peft_type: f for f in (
+    Family("IA3", IA3, ()),
+    Family("LOHA", LoHa, ("rank_dropout", "module_dropout", "init_weights"), patterns=True),
+    Family("LOKR", LoKr, ("decompose_both", "decompose_factor", "rank_dropout", "rank_dropout_scale",
+                          "module_dropout", "init_weights"), patterns=True),
+    Family("OFT", OFT, ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share", "use_cayley_neumann",
+                        "num_cayley_neumann_terms", "init_weights")),
+)}
+_HF_FIELD = {"rank": "r"}
+# Fields every family's config may carry that do not change what the saved adapter computes.
+_IGNORED = {"base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
+            "exclude_modules", "init_ia3_weights", "use_effective_conv2d", "modules_to_save", "layers_to_transform",
+            "layers_pattern", "fan_in_fan_out", "bias"}
+_MUST_BE_EMPTY = ("modules_to_save", "layers_to_transform", "layers_pattern", "fan_in_fan_out")
+
+
+def family_of(sites: Sites) -> Family | None:
+    """The family every site's single method belongs to, or ``None``."""
+    kinds = {type(ms[0]) for _, _, ms in sites if len(ms) == 1}
+    if len(kinds) != 1 or any(len(ms) != 1 for _, _, ms in sites):
+        return None
+    kind = kinds.pop()
+    return next((f for f in FAMILIES.values() if f.method is kind), None)
+
+
+def _to_hf(leaf: str, value: np.ndarray, method: Any) -> tuple[str, np.ndarray]:
+    if leaf == "ia3_l":
+        return leaf, value.reshape((1, -1) if method.feedforward else (-1, 1))
+    if leaf == "oft_r":
+        return "oft_R.weight", value
+    return leaf, value.T if value.ndim == 2 else value
+
+
+def _to_ours(hf_leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    if hf_leaf == "ia3_l":
+        return hf_leaf, value.reshape(-1)
+    if hf_leaf == "oft_R.weight":
+        return "oft_r", value
+    return hf_leaf, value.T if value.ndim == 2 else value
+
+
+def _one_value(family: Family, field: str, values: list[Any]) -> Any:
+    if len(set(values)) > 1:
+        raise errors.InvalidConfigError(
+            f"HF PEFT's {family.peft_type} config holds one {field} for the adapter, but it mixes "
+            f"{sorted(set(values), key=str)}; save it with peft_jax.save_adapter")
+    return values[0]
+
+
+def export_per_module(sites: Sites, state: Mapping[str, np.ndarray], name: str,
+                      key_map: KeyMap) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(adapter_config.json fields, tensors keyed without base_model.model.)`` of the adapter."""
+    family = family_of(sites)
+    if family is None:
+        raise errors.InvalidConfigError("the sites do not hold one IA3, LoHa, LoKr or OFT method each")
+    methods = {key_map.to_hf(path): ms[0] for path, _, ms in sites}
+    tensors = {}
+    for path, _, (method,) in sites:
+        prefix = f"{path}/{name}/"
+        for key, value in state.items():
+            if key.startswith(prefix):
+                hf_leaf, array = _to_hf(key[len(prefix):], np.asarray(value), method)
+                tensors[f"{key_map.to_hf(path)}.{hf_leaf}"] = array
+    config: dict[str, Any] = {"peft_type": family.peft_type, "target_modules": sorted(methods)}
+    for field in family.uniform:
+        config[_HF_FIELD.get(field, field)] = _one_value(family, field, [getattr(m, field) for m in methods.values()])
+    if family.patterns:
+        for field, pattern in (("rank", "rank_pattern"), ("alpha", "alpha_pattern")):
+            values = {hf: getattr(m, field) for hf, m in methods.items()}
+            common = collections.Counter(values.values()).most_common(1)[0][0]
+            config[_HF_FIELD.get(field, field)] = common
+            config[pattern] = {re.escape(hf): v for hf, v in values.items() if v != common}
+    if family.method is IA3:
+        config["feedforward_modules"] = sorted(hf for hf, m in methods.items() if m.feedforward)
+    return config, tensors
+
+
+def _matches(selector: Any, hf: str) -> bool:
+    """HF PEFT's module matching: a string is a regex on the whole name; a list holds names
+    matched exactly or as a dotted suffix."""
+    if isinstance(selector, str):
+        return re.fullmatch(selector, hf) is not None
+    return any(hf == s or hf.endswith("." + s) for s in selector or ())
+
+
+def _pattern(pattern: Mapping[str, Any], hf: str, default: Any) -> Any:
+    return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", hf)), default)
+
+
+def _check_fields(config: Mapping[str, Any], family: Family) -> None:
+    known = {"peft_type", "target_modules", "feedforward_modules", "rank_pattern", "alpha_pattern", "r", "alpha",
+             *(_HF_FIELD.get(f, f) for f in family.uniform)} | _IGNORED
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise errors.InvalidConfigError(
+            f"adapter_config.json ({family.peft_type}) has field(s) {unknown} this reader does not know; they may "
+            "change what the adapter computes, so it is not loaded")
+    for field in _MUST_BE_EMPTY:
+        if config.get(field) not in (None, False, [], {}, ""):
+            raise errors.InvalidConfigError(
+                f"adapter_config.json ({family.peft_type}) sets {field}={config[field]!r}, which this reader does "
+                "not support yet; save the adapter without it, or use the LoRA family")
+    if config.get("bias", "none") != "none":
+        raise errors.InvalidConfigError(f"adapter_config.json sets bias={config['bias']!r}; only 'none' is read")
+
+
+def import_per_module(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], base: Mapping[str, Any],
+                      name: str, key_map: KeyMap) -> tuple[Any, dict[str, np.ndarray]]:
+    """``(peft_jax config, canonical state)`` of an HF PEFT IA3 / LoHa / LoKr / OFT adapter."""
+    family = FAMILIES[config["peft_type"]]
+    _check_fields(config, family)
+    by_module: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    for key, value in tensors.items():
+        rest = key.removeprefix(ROOT)
+        hf_leaf = "oft_R.weight" if rest.endswith(".oft_R.weight") else rest.rpartition(".")[2]
+        by_module[rest[: -len(hf_leaf) - 1]][hf_leaf] = np.asarray(value)
+    placements, state = [], {}
+    for hf, leaves in sorted(by_module.items()):
+        path = key_map.to_ours(hf)
+        if f"{path}/kernel" not in base:
+            raise errors.CheckpointError(f"the adapter adapts {hf!r}, but the model has no such layer ({path!r})")
+        fields = {f: config[_HF_FIELD.get(f, f)] for f in family.uniform if _HF_FIELD.get(f, f) in config}
+        if family.patterns:
+            fields["rank"] = _pattern(config.get("rank_pattern") or {}, hf, config.get("r", 8))
+            fields["alpha"] = float(_pattern(config.get("alpha_pattern") or {}, hf, config.get("alpha", 8)))
+        if family.method is IA3:
+            fields["feedforward"] = _matches(config.get("feedforward_modules"), hf)
+        try:
+            method = family.method(**fields)
+        except (TypeError, ValueError) as e:
+            raise errors.InvalidConfigError(f"adapter_config.json's {family.peft_type} fields do not build a "
+                                            f"method for {hf!r}: {e}") from e
+        placements.append(Placement(re.escape(path), method, what="HF PEFT adapter"))
+        for hf_leaf, value in leaves.items():
+            leaf, array = _to_ours(hf_leaf, value)
+            state[f"{path}/{name}/{leaf}"] = array
+    if not placements:
+        raise errors.CheckpointError(f"adapter_model.safetensors holds no {family.peft_type} tensors")
+    return compose(*placements), state
