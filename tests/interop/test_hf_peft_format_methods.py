@@ -1,5 +1,5 @@
-"""HF PEFT files for IA3, LoHa, LoKr and OFT against the real ``peft`` (torch CPU), tiny random
-Llama and BERT (the bases, configs and helpers of ``test_hf_peft_methods``).
+"""HF PEFT files for IA3, LoHa, LoKr, OFT, LN tuning, BEFT and trainable tokens against the real
+``peft`` (torch CPU), tiny random Llama and BERT (the bases, configs and helpers of ``test_hf_peft_methods``).
 
 (a) an adapter made by HF PEFT (params randomised, ``save_pretrained``) loads here with
 `load_hf_peft` and gives HF's logits (1e-4 fp32); (b) that adapter saved again with
@@ -23,7 +23,8 @@ from peft_jax.io import hf_peft  # noqa: E402
 bases = ref.bases
 pytestmark = ref.pytestmark
 PARAMS = [("ia3", "llama"), ("ia3", "bert"), ("loha", "llama"), ("lokr", "llama"), ("lokr_lowrank", "llama"),
-          ("oft", "llama"), ("oft", "bert")]
+          ("oft", "llama"), ("oft", "bert"), ("ln_tuning", "llama"), ("ln_tuning", "bert"), ("beft", "llama"),
+          ("beft", "bert"), ("trainable_tokens", "llama"), ("trainable_tokens", "bert")]
 
 
 @pytest.mark.parametrize("case,arch", PARAMS)

@@ -67,7 +67,8 @@ def export_hf_peft(parts: AdapterParts, out_dir: str | os.PathLike, *, key_map: 
         methods = sorted({type(m).__name__ for _, _, ms in parts.sites for m in ms})
         raise errors.InvalidConfigError(
             f"the HF PEFT export holds the LoRA family (LoRA, rsLoRA, DoRA, modules_to_save), IA3, LoHa, LoKr, "
-            f"OFT and the prompt family so far, one kind per adapter; this adapter has {methods}. "
+            f"OFT, LN tuning, BEFT, trainable tokens and the prompt family so far, one kind per adapter; "
+            f"this adapter has {methods}. "
             f"Save it with peft_jax.save_adapter (bottleneck "
             "adapters and Compacter also as AdapterHub files: peft_jax.io.adapterhub)")
     config = {**fields, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,

@@ -1,13 +1,14 @@
-"""IA3, LoHa, LoKr and OFT in HF PEFT's files: one method per module, its tensors under
-``base_model.model.<module>.`` in torch layout.
+"""IA3, LoHa, LoKr, OFT, LayerNorm tuning, BEFT and trainable tokens in HF PEFT's files: one
+method per module, its tensors under ``base_model.model.<module>.`` in torch layout.
 
 Each family is a table: its ``peft_type``, its method class, and which of the method's fields
 ``adapter_config.json`` holds (under HF's name; ``rank`` is HF's ``r``). Per-module ranks and
 alphas go to ``rank_pattern`` / ``alpha_pattern``; IA3's per-module ``feedforward`` to
 ``feedforward_modules``; every other field must be one value for the adapter. Tensors keep HF's
-names (``ia3_l``, ``hada_w1_a``, ``lokr_w2_b``, ``oft_R.weight``); 2-D factors are transposed
-(our ``(in, out)`` against torch's ``(out, in)``), IA3's vector is ``(out, 1)`` in HF, or
-``(1, in)`` on a feed-forward module.
+names (``ia3_l``, ``hada_w1_a``, ``lokr_w2_b``, ``oft_R.weight``, ``ln_tuning_layers.weight``,
+``beft_bias``, ``trainable_tokens_delta``); LoHa / LoKr factors are transposed (our ``(in, out)``
+against torch's ``(out, in)``), IA3's vector is ``(out, 1)`` in HF, or ``(1, in)`` on a
+feed-forward module, BEFT's bias ``(1, out)``.
 
 Example:
     >>> import numpy as np
@@ -32,7 +33,7 @@ import numpy as np
 
 from peft_jax import errors
 from peft_jax.io.hf_peft.keys import ROOT, KeyMap
-from peft_jax.methods import IA3, OFT, LoHa, LoKr
+from peft_jax.methods import IA3, OFT, Beft, LnTuning, LoHa, LoKr, TrainableTokens
 from peft_jax.methods.config import Placement, compose
 
 __all__ = ["FAMILIES", "export_per_module", "family_of", "import_per_module"]
@@ -59,12 +60,18 @@ FAMILIES = {f.peft_type: f for f in (
                           "module_dropout", "init_weights"), patterns=True),
     Family("OFT", OFT, ("r", "oft_block_size", "module_dropout", "coft", "eps", "block_share", "use_cayley_neumann",
                         "num_cayley_neumann_terms", "init_weights")),
+    Family("LN_TUNING", LnTuning, ()),
+    Family("BEFT", Beft, ()),
+    Family("TRAINABLE_TOKENS", TrainableTokens, ("indices",)),
 )}
-_HF_FIELD = {"rank": "r"}
+_HF_FIELD = {"rank": "r", "indices": "token_indices"}
+# our leaf <-> HF's, where they differ
+_LEAF_TO_HF = {"oft_r": "oft_R.weight", "scale": "ln_tuning_layers.weight", "bias": "ln_tuning_layers.bias"}
+_LEAF_TO_OURS = {v: k for k, v in _LEAF_TO_HF.items()}
 # Fields every family's config may carry that do not change what the saved adapter computes.
 _IGNORED = {"base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
-            "exclude_modules", "init_ia3_weights", "use_effective_conv2d", "modules_to_save", "layers_to_transform",
-            "layers_pattern", "fan_in_fan_out", "bias"}
+            "exclude_modules", "init_ia3_weights", "init_weights", "use_effective_conv2d", "modules_to_save",
+            "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias"}
 _MUST_BE_EMPTY = ("modules_to_save", "layers_to_transform", "layers_pattern", "fan_in_fan_out")
 
 
@@ -80,17 +87,21 @@ def family_of(sites: Sites) -> Family | None:
 def _to_hf(leaf: str, value: np.ndarray, method: Any) -> tuple[str, np.ndarray]:
     if leaf == "ia3_l":
         return leaf, value.reshape((1, -1) if method.feedforward else (-1, 1))
-    if leaf == "oft_r":
-        return "oft_R.weight", value
-    return leaf, value.T if value.ndim == 2 else value
+    if leaf == "beft_bias":
+        return leaf, value.reshape(1, -1)
+    if leaf in _LEAF_TO_HF:
+        return _LEAF_TO_HF[leaf], value
+    transpose = value.ndim == 2 and leaf.startswith(("hada_", "lokr_"))
+    return leaf, value.T if transpose else value
 
 
 def _to_ours(hf_leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
-    if hf_leaf == "ia3_l":
+    if hf_leaf in ("ia3_l", "beft_bias"):
         return hf_leaf, value.reshape(-1)
-    if hf_leaf == "oft_R.weight":
-        return "oft_r", value
-    return hf_leaf, value.T if value.ndim == 2 else value
+    if hf_leaf in _LEAF_TO_OURS:
+        return _LEAF_TO_OURS[hf_leaf], value
+    transpose = value.ndim == 2 and hf_leaf.startswith(("hada_", "lokr_"))
+    return hf_leaf, value.T if transpose else value
 
 
 def _one_value(family: Family, field: str, values: list[Any]) -> Any:
@@ -117,7 +128,8 @@ def export_per_module(sites: Sites, state: Mapping[str, np.ndarray], name: str,
                 tensors[f"{key_map.to_hf(path)}.{hf_leaf}"] = array
     config: dict[str, Any] = {"peft_type": family.peft_type, "target_modules": sorted(methods)}
     for field in family.uniform:
-        config[_HF_FIELD.get(field, field)] = _one_value(family, field, [getattr(m, field) for m in methods.values()])
+        value = _one_value(family, field, [getattr(m, field) for m in methods.values()])
+        config[_HF_FIELD.get(field, field)] = list(value) if isinstance(value, tuple) else value
     if family.patterns:
         for field, pattern in (("rank", "rank_pattern"), ("alpha", "alpha_pattern")):
             values = {hf: getattr(m, field) for hf, m in methods.items()}
@@ -166,14 +178,16 @@ def import_per_module(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
     by_module: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     for key, value in tensors.items():
         rest = key.removeprefix(ROOT)
-        hf_leaf = "oft_R.weight" if rest.endswith(".oft_R.weight") else rest.rpartition(".")[2]
+        hf_leaf = next((two for two in _LEAF_TO_OURS if rest.endswith("." + two)), rest.rpartition(".")[2])
         by_module[rest[: -len(hf_leaf) - 1]][hf_leaf] = np.asarray(value)
     placements, state = [], {}
     for hf, leaves in sorted(by_module.items()):
         path = key_map.to_ours(hf)
-        if f"{path}/kernel" not in base:
+        if not any(k.startswith(path + "/") for k in base):
             raise errors.CheckpointError(f"the adapter adapts {hf!r}, but the model has no such layer ({path!r})")
         fields = {f: config[_HF_FIELD.get(f, f)] for f in family.uniform if _HF_FIELD.get(f, f) in config}
+        if "indices" in fields:
+            fields["indices"] = tuple(int(i) for i in fields["indices"])
         if family.patterns:
             fields["rank"] = _pattern(config.get("rank_pattern") or {}, hf, config.get("r", 8))
             fields["alpha"] = float(_pattern(config.get("alpha_pattern") or {}, hf, config.get("alpha", 8)))
