@@ -1,4 +1,4 @@
-"""HF PEFT files for IA3, LoHa, LoKr, OFT, LN tuning, BEFT and trainable tokens against the real
+"""HF PEFT files for IA3, VeRA, LoHa, LoKr, OFT, LN tuning, BEFT and trainable tokens against the real
 ``peft`` (torch CPU), tiny random Llama and BERT (the bases, configs and helpers of ``test_hf_peft_methods``).
 
 (a) an adapter made by HF PEFT (params randomised, ``save_pretrained``) loads here with
@@ -24,7 +24,8 @@ bases = ref.bases
 pytestmark = ref.pytestmark
 PARAMS = [("ia3", "llama"), ("ia3", "bert"), ("loha", "llama"), ("lokr", "llama"), ("lokr_lowrank", "llama"),
           ("oft", "llama"), ("oft", "bert"), ("ln_tuning", "llama"), ("ln_tuning", "bert"), ("beft", "llama"),
-          ("beft", "bert"), ("trainable_tokens", "llama"), ("trainable_tokens", "bert")]
+          ("beft", "bert"), ("trainable_tokens", "llama"), ("trainable_tokens", "bert"), ("vera", "llama"),
+          ("vera", "bert")]
 
 
 @pytest.mark.parametrize("case,arch", PARAMS)

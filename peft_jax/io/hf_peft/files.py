@@ -62,11 +62,10 @@ def export_hf_peft(parts: AdapterParts, out_dir: str | os.PathLike, *, key_map: 
         tensors = {ROOT + k: v for k, v in tensors.items()}
     elif family_of(parts.sites) is not None:
         fields, tensors = export_per_module(parts.sites, parts.state, parts.name, key_map)
-        tensors = {ROOT + k: v for k, v in tensors.items()}
     else:
         methods = sorted({type(m).__name__ for _, _, ms in parts.sites for m in ms})
         raise errors.InvalidConfigError(
-            f"the HF PEFT export holds the LoRA family (LoRA, rsLoRA, DoRA, modules_to_save), IA3, LoHa, LoKr, "
+            f"the HF PEFT export holds the LoRA family (LoRA, rsLoRA, DoRA, modules_to_save), IA3, VeRA, LoHa, LoKr, "
             f"OFT, LN tuning, BEFT, trainable tokens and the prompt family so far, one kind per adapter; "
             f"this adapter has {methods}. "
             f"Save it with peft_jax.save_adapter (bottleneck "
@@ -112,7 +111,7 @@ def import_hf_peft(in_dir: str | os.PathLike, *, architecture: str, base: dict[s
         with_root = read_tensors(Path(in_dir) / HF_WEIGHTS)
         return virtual_tokens.import_virtual_tokens(config, with_root, architecture, name)
     if peft_type in FAMILIES:
-        return import_per_module(config, tensors, base, name, key_map)
+        return import_per_module(config, read_tensors(Path(in_dir) / HF_WEIGHTS), base, name, key_map)
     if peft_type != "LORA":
         known = ["LORA", *sorted(FAMILIES), *sorted(virtual_tokens.VIRTUAL_TOKEN_TYPES)]
         raise errors.InvalidConfigError(

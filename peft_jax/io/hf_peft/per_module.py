@@ -1,5 +1,6 @@
-"""IA3, LoHa, LoKr, OFT, LayerNorm tuning, BEFT and trainable tokens in HF PEFT's files: one
-method per module, its tensors under ``base_model.model.<module>.`` in torch layout.
+"""IA3, VeRA, LoHa, LoKr, OFT, LayerNorm tuning, BEFT and trainable tokens in HF PEFT's files:
+one method per module, its tensors under ``base_model.model.<module>.`` in torch layout (VeRA's
+shared projections as ``base_model.vera_A`` / ``vera_B``).
 
 Each family is a table: its ``peft_type``, its method class, and which of the method's fields
 ``adapter_config.json`` holds (under HF's name; ``rank`` is HF's ``r``). Per-module ranks and
@@ -17,7 +18,7 @@ Example:
     >>> sites = [("layers/0/mlp/down_proj", "linear", (IA3(feedforward=True),))]
     >>> state = {"layers/0/mlp/down_proj/default/ia3_l": np.ones(6, np.float32)}
     >>> config, tensors = export_per_module(sites, state, "default", DECODER)
-    >>> config["peft_type"], config["feedforward_modules"], tensors["model.layers.0.mlp.down_proj.ia3_l"].shape
+    >>> config["peft_type"], config["feedforward_modules"], tensors[ROOT + "model.layers.0.mlp.down_proj.ia3_l"].shape
     ('IA3', ['model.layers.0.mlp.down_proj'], (1, 6))
 """
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from peft_jax import errors
 from peft_jax.io.hf_peft.keys import ROOT, KeyMap
-from peft_jax.methods import IA3, OFT, Beft, LnTuning, LoHa, LoKr, TrainableTokens
+from peft_jax.methods import IA3, OFT, Beft, LnTuning, LoHa, LoKr, TrainableTokens, Vera
 from peft_jax.methods.config import Placement, compose
 
 __all__ = ["FAMILIES", "export_per_module", "family_of", "import_per_module"]
@@ -63,15 +64,18 @@ FAMILIES = {f.peft_type: f for f in (
     Family("LN_TUNING", LnTuning, ()),
     Family("BEFT", Beft, ()),
     Family("TRAINABLE_TOKENS", TrainableTokens, ("indices",)),
+    Family("VERA", Vera, ("rank", "projection_prng_key", "d_initial", "dropout")),
 )}
-_HF_FIELD = {"rank": "r", "indices": "token_indices"}
+_HF_FIELD = {"rank": "r", "indices": "token_indices", "dropout": "vera_dropout"}
+#: VeRA's projections shared by all layers sit outside the per-module prefix.
+_SHARED_ROOT = "base_model."
 # our leaf <-> HF's, where they differ
 _LEAF_TO_HF = {"oft_r": "oft_R.weight", "scale": "ln_tuning_layers.weight", "bias": "ln_tuning_layers.bias"}
 _LEAF_TO_OURS = {v: k for k, v in _LEAF_TO_HF.items()}
 # Fields every family's config may carry that do not change what the saved adapter computes.
 _IGNORED = {"base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
             "exclude_modules", "init_ia3_weights", "init_weights", "use_effective_conv2d", "modules_to_save",
-            "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias"}
+            "layers_to_transform", "layers_pattern", "fan_in_fan_out", "bias", "save_projection"}
 _MUST_BE_EMPTY = ("modules_to_save", "layers_to_transform", "layers_pattern", "fan_in_fan_out")
 
 
@@ -114,7 +118,7 @@ def _one_value(family: Family, field: str, values: list[Any]) -> Any:
 
 def export_per_module(sites: Sites, state: Mapping[str, np.ndarray], name: str,
                       key_map: KeyMap) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``(adapter_config.json fields, tensors keyed without base_model.model.)`` of the adapter."""
+    """``(adapter_config.json fields, tensors by their keys in adapter_model.safetensors)``."""
     family = family_of(sites)
     if family is None:
         raise errors.InvalidConfigError("the sites do not hold one IA3, LoHa, LoKr or OFT method each")
@@ -125,8 +129,12 @@ def export_per_module(sites: Sites, state: Mapping[str, np.ndarray], name: str,
         for key, value in state.items():
             if key.startswith(prefix):
                 hf_leaf, array = _to_hf(key[len(prefix):], np.asarray(value), method)
-                tensors[f"{key_map.to_hf(path)}.{hf_leaf}"] = array
+                tensors[f"{ROOT}{key_map.to_hf(path)}.{hf_leaf}"] = array
+    shared = f"{name}/shared/"
+    tensors.update({_SHARED_ROOT + k[len(shared):]: np.asarray(v) for k, v in state.items() if k.startswith(shared)})
     config: dict[str, Any] = {"peft_type": family.peft_type, "target_modules": sorted(methods)}
+    if family.method is Vera:  # always with the projections: HF would redraw them with torch's RNG
+        config["save_projection"] = True
     for field in family.uniform:
         value = _one_value(family, field, [getattr(m, field) for m in methods.values()])
         config[_HF_FIELD.get(field, field)] = list(value) if isinstance(value, tuple) else value
@@ -176,11 +184,18 @@ def import_per_module(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
     family = FAMILIES[config["peft_type"]]
     _check_fields(config, family)
     by_module: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    placements, state = [], {}
     for key, value in tensors.items():
+        if key.startswith(_SHARED_ROOT) and not key.startswith(ROOT):
+            state[f"{name}/shared/{key[len(_SHARED_ROOT):]}"] = np.asarray(value)
+            continue
         rest = key.removeprefix(ROOT)
         hf_leaf = next((two for two in _LEAF_TO_OURS if rest.endswith("." + two)), rest.rpartition(".")[2])
         by_module[rest[: -len(hf_leaf) - 1]][hf_leaf] = np.asarray(value)
-    placements, state = [], {}
+    if family.method is Vera and not any(k.startswith(f"{name}/shared/") for k in state):
+        raise errors.CheckpointError(
+            "this VeRA adapter was saved without its projections (save_projection=False): HF PEFT redraws them "
+            "with torch's random generator, which peft_jax cannot reproduce; save it with save_projection=True")
     for hf, leaves in sorted(by_module.items()):
         path = key_map.to_ours(hf)
         if not any(k.startswith(path + "/") for k in base):
