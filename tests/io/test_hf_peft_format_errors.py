@@ -77,10 +77,10 @@ def test_non_empty_dir_refused_and_untouched(tmp_path):
 
 
 def test_unsupported_method_named(tmp_path):
-    from peft_jax.methods import Vera
+    from peft_jax.methods import TrainBias
 
-    with pytest.raises(errors.InvalidConfigError, match="Vera"):
-        hf_peft.export_hf_peft(_parts([("q", "linear", (Vera(rank=2),))], {}), tmp_path / "b", key_map=KM)
+    with pytest.raises(errors.InvalidConfigError, match="TrainBias"):
+        hf_peft.export_hf_peft(_parts([("q", "linear", (TrainBias(),))], {}), tmp_path / "b", key_map=KM)
     assert not (tmp_path / "b").exists()
 
 
