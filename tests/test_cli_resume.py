@@ -15,7 +15,8 @@ import pytest
 from train import tiny
 from train.killing import kill_after_progress
 
-from peft_jax import cli, io
+from peft_jax import cli
+from peft_jax.io import saving
 from peft_jax.train.metrics import read_metrics
 
 # Dropout on, so the restored RNG key matters as much as the params, optimizer state and data.
@@ -37,7 +38,7 @@ def _argv(paths, out, steps, *extra):
 
 
 def _adapter(out):
-    params, _ = io.load_adapter(out / "adapter")
+    _, params = saving.read_native(out / "adapter")
     return params
 
 
