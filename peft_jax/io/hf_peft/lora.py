@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from peft_jax import errors
+from peft_jax.io.hf_peft.fields import most_common, one_value, pattern_value
 from peft_jax.io.hf_peft.keys import ROOT, KeyMap
 from peft_jax.methods import Dora, Lora, ModulesToSave
 from peft_jax.methods.config import Placement, compose
@@ -69,18 +70,6 @@ def _lora_of(method: Any) -> Lora | None:
 def is_lora_family(sites: Sites) -> bool:
     """Whether every method on ``sites`` is LoRA, DoRA or a module trained whole."""
     return all(_lora_of(m) is not None or isinstance(m, ModulesToSave) for _, _, ms in sites for m in ms)
-
-
-def _most_common(values: list[Any]) -> Any:
-    return collections.Counter(values).most_common(1)[0][0]
-
-
-def _uniform(values: list[Any], field: str) -> Any:
-    if len(set(values)) > 1:
-        raise errors.InvalidConfigError(
-            f"HF PEFT's {field} is one value for the whole adapter, but this adapter mixes {sorted(set(values))}; "
-            "save it in peft_jax's format (peft_jax.save_adapter)")
-    return values[0]
 
 
 def export_lora(sites: Sites, state: Mapping[str, np.ndarray], base: Mapping[str, Any], name: str,
@@ -124,16 +113,16 @@ def export_lora(sites: Sites, state: Mapping[str, np.ndarray], base: Mapping[str
     if not loras:
         raise errors.InvalidConfigError("the adapter has no LoRA or DoRA module; HF PEFT's LoRA format needs one")
     lora = {hf: _lora_of(m) for hf, (m, _) in loras.items()}
-    r = _most_common([x.rank for x in lora.values()])
-    alpha = _most_common([x.alpha for x in lora.values()])
+    r = most_common([x.rank for x in lora.values()])
+    alpha = most_common([x.alpha for x in lora.values()])
     config = {
         "peft_type": "LORA", "r": r, "lora_alpha": _number(alpha), "target_modules": sorted(loras),
         "rank_pattern": {re.escape(hf): x.rank for hf, x in lora.items() if x.rank != r},
         "alpha_pattern": {re.escape(hf): _number(x.alpha) for hf, x in lora.items() if x.alpha != alpha},
-        "use_rslora": _uniform([x.use_rslora for x in lora.values()], "use_rslora"),
-        "use_dora": _uniform([isinstance(m, Dora) for m, _ in loras.values()], "use_dora"),
-        "lora_bias": _uniform([x.lora_bias for x in lora.values()], "lora_bias"),
-        "lora_dropout": _most_common([x.dropout for x in lora.values()]),
+        "use_rslora": one_value([x.use_rslora for x in lora.values()], "use_rslora"),
+        "use_dora": one_value([isinstance(m, Dora) for m, _ in loras.values()], "use_dora"),
+        "lora_bias": one_value([x.lora_bias for x in lora.values()], "lora_bias"),
+        "lora_dropout": most_common([x.dropout for x in lora.values()]),
         "modules_to_save": sorted(saved) or None, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True,
     }
@@ -142,14 +131,6 @@ def export_lora(sites: Sites, state: Mapping[str, np.ndarray], base: Mapping[str
 
 def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
-
-
-def _pattern_value(pattern: Mapping[str, Any], hf: str, default: Any) -> Any:
-    """HF PEFT's lookup: the first pattern key matching the module name as a dotted suffix."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", hf):
-            return value
-    return default
 
 
 def _check_fields(config: Mapping[str, Any]) -> None:
@@ -220,12 +201,12 @@ def import_lora(config: Mapping[str, Any], tensors: Mapping[str, np.ndarray], ba
                 f"tensor {ROOT}{hf}.lora_A/B of shapes {a.T.shape} / {b.T.shape} does not fit the model's "
                 f"{path!r} of shape {full}; load it onto the base it was made for")
         rank = a.shape[1]
-        want = _pattern_value(config.get("rank_pattern") or {}, hf, config.get("r", rank))
+        want = pattern_value(config.get("rank_pattern") or {}, hf, config.get("r", rank))
         if want != rank:
             raise errors.CheckpointError(
                 f"tensor {ROOT}{hf}.lora_A has rank {rank}, but adapter_config.json gives {hf!r} rank {want}; "
                 "the file does not match its config")
-        lora = Lora(rank=rank, alpha=float(_pattern_value(config.get("alpha_pattern") or {}, hf,
+        lora = Lora(rank=rank, alpha=float(pattern_value(config.get("alpha_pattern") or {}, hf,
                                                           config.get("lora_alpha", 8))),
                     dropout=float(config.get("lora_dropout", 0.0)), use_rslora=bool(config.get("use_rslora")),
                     lora_bias="lora_bias" in leaves)

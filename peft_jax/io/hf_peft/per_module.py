@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from peft_jax import errors
+from peft_jax.io.hf_peft.fields import most_common, one_value, pattern_value
 from peft_jax.io.hf_peft.keys import ROOT, KeyMap
 from peft_jax.methods import IA3, OFT, Beft, LnTuning, LoHa, LoKr, TrainableTokens, Vera
 from peft_jax.methods.config import Placement, compose
@@ -108,14 +109,6 @@ def _to_ours(hf_leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
     return hf_leaf, value.T if transpose else value
 
 
-def _one_value(family: Family, field: str, values: list[Any]) -> Any:
-    if len(set(values)) > 1:
-        raise errors.InvalidConfigError(
-            f"HF PEFT's {family.peft_type} config holds one {field} for the adapter, but it mixes "
-            f"{sorted(set(values), key=str)}; save it with peft_jax.save_adapter")
-    return values[0]
-
-
 def export_per_module(sites: Sites, state: Mapping[str, np.ndarray], name: str,
                       key_map: KeyMap) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(adapter_config.json fields, tensors by their keys in adapter_model.safetensors)``."""
@@ -136,12 +129,12 @@ def export_per_module(sites: Sites, state: Mapping[str, np.ndarray], name: str,
     if family.method is Vera:  # always with the projections: HF would redraw them with torch's RNG
         config["save_projection"] = True
     for field in family.uniform:
-        value = _one_value(family, field, [getattr(m, field) for m in methods.values()])
+        value = one_value([getattr(m, field) for m in methods.values()], f"{family.peft_type} {field}")
         config[_HF_FIELD.get(field, field)] = list(value) if isinstance(value, tuple) else value
     if family.patterns:
         for field, pattern in (("rank", "rank_pattern"), ("alpha", "alpha_pattern")):
             values = {hf: getattr(m, field) for hf, m in methods.items()}
-            common = collections.Counter(values.values()).most_common(1)[0][0]
+            common = most_common(list(values.values()))
             config[_HF_FIELD.get(field, field)] = common
             config[pattern] = {re.escape(hf): v for hf, v in values.items() if v != common}
     if family.method is IA3:
@@ -155,10 +148,6 @@ def _matches(selector: Any, hf: str) -> bool:
     if isinstance(selector, str):
         return re.fullmatch(selector, hf) is not None
     return any(hf == s or hf.endswith("." + s) for s in selector or ())
-
-
-def _pattern(pattern: Mapping[str, Any], hf: str, default: Any) -> Any:
-    return next((v for k, v in pattern.items() if re.match(rf"(.*\.)?({k})$", hf)), default)
 
 
 def _check_fields(config: Mapping[str, Any], family: Family) -> None:
@@ -204,8 +193,8 @@ def import_per_module(config: Mapping[str, Any], tensors: Mapping[str, np.ndarra
         if "indices" in fields:
             fields["indices"] = tuple(int(i) for i in fields["indices"])
         if family.patterns:
-            fields["rank"] = _pattern(config.get("rank_pattern") or {}, hf, config.get("r", 8))
-            fields["alpha"] = float(_pattern(config.get("alpha_pattern") or {}, hf, config.get("alpha", 8)))
+            fields["rank"] = pattern_value(config.get("rank_pattern") or {}, hf, config.get("r", 8))
+            fields["alpha"] = float(pattern_value(config.get("alpha_pattern") or {}, hf, config.get("alpha", 8)))
         if family.method is IA3:
             fields["feedforward"] = _matches(config.get("feedforward_modules"), hf)
         try:
