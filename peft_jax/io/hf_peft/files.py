@@ -81,7 +81,12 @@ def export_hf_peft(parts: AdapterParts, out_dir: str | os.PathLike, *, key_map: 
 
 def read_hf_peft(in_dir: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """``(adapter_config.json as a dict, tensors without the base_model.model. prefix)``."""
-    in_dir = Path(in_dir)
+    config, tensors = _read(Path(in_dir))
+    return config, {k[len(ROOT):] if k.startswith(ROOT) else k: v for k, v in tensors.items()}
+
+
+def _read(in_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(adapter_config.json, tensors by their keys in the file)``, both checked."""
     if not (in_dir / HF_CONFIG).is_file() or not (in_dir / HF_WEIGHTS).is_file():
         raise errors.CheckpointError(f"{in_dir} holds no HF PEFT adapter ({HF_CONFIG} and {HF_WEIGHTS})")
     try:
@@ -90,8 +95,7 @@ def read_hf_peft(in_dir: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]
         raise errors.CheckpointError(f"{in_dir / HF_CONFIG} is not valid JSON ({e})") from e
     if not isinstance(config, dict):
         raise errors.CheckpointError(f"{in_dir / HF_CONFIG} is not a JSON object")
-    tensors = read_tensors(in_dir / HF_WEIGHTS)
-    return config, {k[len(ROOT):] if k.startswith(ROOT) else k: v for k, v in tensors.items()}
+    return config, read_tensors(in_dir / HF_WEIGHTS)
 
 
 def import_hf_peft(in_dir: str | os.PathLike, *, architecture: str, base: dict[str, Any], key_map: Any,
@@ -105,13 +109,12 @@ def import_hf_peft(in_dir: str | os.PathLike, *, architecture: str, base: dict[s
     """
     from peft_jax.io.hf_peft import virtual_tokens  # noqa: PLC0415
 
-    config, tensors = read_hf_peft(in_dir)
+    config, tensors = _read(Path(in_dir))  # keys as in the file: each codec knows its prefixes
     peft_type = config.get("peft_type")
     if peft_type in virtual_tokens.VIRTUAL_TOKEN_TYPES:
-        with_root = read_tensors(Path(in_dir) / HF_WEIGHTS)
-        return virtual_tokens.import_virtual_tokens(config, with_root, architecture, name)
+        return virtual_tokens.import_virtual_tokens(config, tensors, architecture, name)
     if peft_type in FAMILIES:
-        return import_per_module(config, read_tensors(Path(in_dir) / HF_WEIGHTS), base, name, key_map)
+        return import_per_module(config, tensors, base, name, key_map)
     if peft_type != "LORA":
         known = ["LORA", *sorted(FAMILIES), *sorted(virtual_tokens.VIRTUAL_TOKEN_TYPES)]
         raise errors.InvalidConfigError(
