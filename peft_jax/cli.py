@@ -36,7 +36,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add("--config", metavar="FILE", help="JSON or YAML file of settings (keys as the flags)")
     add("--model", metavar="NAME_OR_PATH", help="registered model (minilm-l6) or HF-layout dir")
     add("--data", metavar="NAME_OR_PATH",
-        help="registered dataset (fine-foods) or a dir with train.jsonl / test.jsonl")
+        help="registered dataset (fine-foods), a CSV / TSV / JSONL table, or a dir with "
+             "train and test tables")
+    add("--text-column", metavar="NAME", help="the table's text column (default: text)")
+    add("--label-column", metavar="NAME", help="the table's label column (default: label)")
+    add("--val-fraction", type=float, metavar="F",
+        help="share of the training rows held out for periodic evaluation (default: 0.1; the "
+             "test split is evaluated once, at the end)")
+    add("--test-fraction", type=float, metavar="F",
+        help="share of a single table's rows held out for testing (default: 0.2)")
     add("--method", help="PEFT method (lora)")
     add("--rank", type=int, help="LoRA rank r")
     add("--alpha", type=float, help="LoRA alpha (scale = alpha / r)")

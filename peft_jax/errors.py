@@ -73,6 +73,11 @@ class UnsupportedArchitectureError(PeftError, ValueError):
     """A model config names an architecture no reference model implements."""
 
 
+class DataError(PeftError, ValueError):
+    """A dataset file or table cannot be used: a missing column, no rows, blank labels, bytes
+    that are not UTF-8, a single class; the message names the file and row."""
+
+
 # --- training --------------------------------------------------------------------------------
 class BatchError(PeftError, ValueError):
     """A batch lacks a field the loss needs or has a shape that does not fit the step."""

@@ -64,7 +64,8 @@ def test_metrics_jsonl(trained):
     assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
     assert [r["step"] for r in evals] == [4, 8]
     results = json.loads((trained / "results.json").read_text())
-    assert evals[-1]["eval_accuracy"] == results["test_accuracy"]
+    assert evals[-1]["eval_accuracy"] == results["val_accuracy"]  # periodic: validation
+    assert results["num_val"] == 5 and results["num_train"] == 43  # 10% of 48, seeded
 
 
 def test_adapter_files(trained, model_dir):

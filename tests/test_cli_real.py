@@ -32,4 +32,5 @@ def test_real_model_short_run(tmp_path, capsys):
     assert results["majority_accuracy"] == pytest.approx(0.658)
     assert 0.6 < results["linear_probe_accuracy"] < 0.9
     assert results["trainable_percent"] < 1.0
-    assert results["num_train"] == 4000 and results["num_test"] == 1000
+    assert results["num_train"] == 3600 and results["num_val"] == 400  # 10% held out, seeded
+    assert results["num_test"] == 1000

@@ -11,6 +11,7 @@ from peft_jax.data.dataset import Example, TextClassificationData
 from peft_jax.data.fine_foods import load_fine_foods
 from peft_jax.data.probe import encode_features, linear_probe_accuracy, majority_accuracy
 from peft_jax.data.registry import DATASETS, known_datasets, load_dataset
+from peft_jax.data.tables import load_table
 
 __all__ = [
     "DATASETS",
@@ -24,6 +25,7 @@ __all__ = [
     "linear_probe_accuracy",
     "load_dataset",
     "load_fine_foods",
+    "load_table",
     "majority_accuracy",
     "tokenize_examples",
 ]

@@ -1,7 +1,7 @@
 """Dataset names (``--data NAME_OR_PATH``) and loading by name or by path.
 
-A path is a directory with ``train.jsonl`` and ``test.jsonl``, one ``{"text": ..., "label": ...}``
-object per line; labels are ints, or strings mapped to ids in sorted order.
+A path is a table: a CSV, TSV or JSONL file, or a directory with ``train`` and ``test`` tables
+(`peft_jax.data.tables`); labels are ints or strings, mapped to ids in sorted order.
 
 Example:
     >>> known_datasets()
@@ -12,14 +12,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from peft_jax.data import fine_foods
 from peft_jax.data.dataset import TextClassificationData
-from peft_jax.errors import CheckpointError, UnknownNameError
+from peft_jax.data.tables import load_table
+from peft_jax.errors import UnknownNameError
 
 __all__ = ["DATASETS", "DatasetSpec", "known_datasets", "load_dataset"]
 
@@ -46,13 +46,18 @@ def known_datasets() -> list[str]:
     return list(DATASETS)
 
 
-def load_dataset(name_or_path: str | os.PathLike) -> TextClassificationData:
-    """Loads a registered dataset, or a directory of ``train.jsonl`` / ``test.jsonl``.
+def load_dataset(name_or_path: str | os.PathLike, *, text_column: str = "text",
+                 label_column: str = "label", test_fraction: float = 0.2, seed: int = 0
+                 ) -> TextClassificationData:
+    """Loads a registered dataset, or a table (`peft_jax.data.tables.load_table`): a CSV, TSV
+    or JSONL file (its test split carved, seeded) or a directory of ``train`` / ``test`` tables.
 
     Raises:
-      UnknownNameError: neither a known name nor an existing directory (known names listed).
+      UnknownNameError: neither a known name nor an existing file or directory (known names
+          listed).
       MissingPackageError: the dataset's package is missing (the pip command is printed).
-      CheckpointError: a JSONL directory with a missing file or a malformed line.
+      DataError: a table that cannot be used (a missing column, no rows, a blank label,
+          bytes that are not UTF-8, one class only); the file and row are named.
 
     Example:
       >>> import json, pathlib, tempfile
@@ -67,39 +72,11 @@ def load_dataset(name_or_path: str | os.PathLike) -> TextClassificationData:
     if isinstance(name_or_path, str) and name_or_path in DATASETS:
         return DATASETS[name_or_path].load()
     path = Path(name_or_path)
-    if path.is_dir():
-        return _load_jsonl_dir(path)
+    if path.exists():
+        return load_table(path, text_column=text_column, label_column=label_column,
+                          test_fraction=test_fraction, seed=seed)
     raise UnknownNameError(
-        f"{str(name_or_path)!r} is neither a known dataset nor a directory; known datasets: "
-        f"{known_datasets()}. Or pass a directory with train.jsonl and test.jsonl "
-        '(lines of {"text": ..., "label": ...}).'
+        f"{str(name_or_path)!r} is neither a known dataset nor a file or directory; known "
+        f"datasets: {known_datasets()}. Or pass a CSV / TSV / JSONL table (--text-column and "
+        "--label-column name its columns), or a directory with train and test tables."
     )
-
-
-def _load_jsonl_dir(path: Path) -> TextClassificationData:
-    rows = {}
-    for split in ("train", "test"):
-        file = path / f"{split}.jsonl"
-        if not file.is_file():
-            raise CheckpointError(f"{path} has no {split}.jsonl; a dataset directory needs "
-                                  "train.jsonl and test.jsonl")
-        rows[split] = []
-        for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows[split].append((str(obj["text"]), obj["label"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(
-                    f"{file}:{n} is not a JSON object with 'text' and 'label' ({e!r})"
-                ) from e
-    labels = {label for split in rows.values() for _, label in split}
-    if all(isinstance(label, int) for label in labels):
-        names = tuple(str(i) for i in range(max(labels, default=-1) + 1))
-        ids = {i: i for i in labels}
-    else:
-        names = tuple(sorted(str(label) for label in labels))
-        ids = {label: names.index(str(label)) for label in labels}
-    convert = lambda split: [(text, ids[label]) for text, label in rows[split]]  # noqa: E731
-    return TextClassificationData(path.name, convert("train"), convert("test"), names)

@@ -110,7 +110,8 @@ classification_loss = make_classification_loss()
 
 def make_classification_eval(parts: ModelParts, frozen: Any, arrays: Mapping[str, np.ndarray],
                              *, forward: Forward = FullForward(), batch_size: int = 64,
-                             bucket: int = 32) -> Callable[[Any], dict[str, float]]:
+                             bucket: int = 32, num_classes: int | None = None
+                             ) -> Callable[[Any], dict[str, Any]]:
     """Builds ``evaluate(trainable) -> {"loss", "accuracy"}`` over every example of ``arrays``.
 
     Examples are sorted by length and batched with `sorted_eval_batches`; the forward pass is
@@ -123,6 +124,8 @@ def make_classification_eval(parts: ModelParts, frozen: Any, arrays: Mapping[str
         forward: how a batch reaches the logits.
         batch_size: examples per forward pass.
         bucket: padded widths are multiples of this.
+        num_classes: when given, the result also holds ``"confusion"``: ``int[C, C]`` counts,
+            rows the true class, columns the predicted one (`peft_jax.train.scores`).
 
     Raises:
         BatchError: a required field is missing.
@@ -130,23 +133,30 @@ def make_classification_eval(parts: ModelParts, frozen: Any, arrays: Mapping[str
     _check(arrays, forward)
     arrays = {k: arrays[k] for k in (*forward.fields, "labels")}
     count = len(arrays["labels"])
+    classes = num_classes or 1
 
     @jax.jit
     def sums(trainable, frozen, batch):
         logits = forward.logits(parts.merge(trainable, frozen), batch).astype(jnp.float32)
         weight = batch["valid"].astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-        correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-        return jnp.sum(ce * weight), jnp.sum(correct * weight)
+        predicted = jnp.argmax(logits, -1)
+        correct = (predicted == batch["labels"]).astype(jnp.float32)
+        confusion = jnp.zeros((classes, classes), jnp.float32).at[
+            jnp.clip(batch["labels"], 0, classes - 1), jnp.clip(predicted, 0, classes - 1)
+        ].add(weight)
+        return jnp.sum(ce * weight), jnp.sum(correct * weight), confusion
 
-    def evaluate(trainable: Any) -> dict[str, float]:
-        loss, correct = 0.0, 0.0
+    def evaluate(trainable: Any) -> dict[str, Any]:
+        loss, correct, confusion = 0.0, 0.0, np.zeros((classes, classes), np.int64)
         for batch in sorted_eval_batches(arrays, batch_size, bucket=bucket):
             batch.pop("index")
-            b_loss, b_correct = sums(trainable, frozen, batch)
+            b_loss, b_correct, b_confusion = sums(trainable, frozen, batch)
             loss += float(b_loss)
             correct += float(b_correct)
-        return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1)}
+            confusion += np.rint(np.asarray(b_confusion)).astype(np.int64)
+        result = {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1)}
+        return result | ({"confusion": confusion} if num_classes else {})
 
     return evaluate
 

@@ -13,8 +13,10 @@ it computes the majority-class and linear-probe baselines on the frozen encoder,
 * ``checkpoints/``: training checkpoints (orbax; the last ``keep``), which ``resume`` continues
   from: the resumed run ends with the same adapter, bit for bit, as one that never stopped.
 
-Periodic evaluation (``eval_*`` records) runs on the test split to show the learning curve; it
-selects nothing: ``test_accuracy`` is that of the parameters after the last step.
+Periodic evaluation (``eval_*`` records) runs on the validation split (``val_fraction`` of the
+training data, seeded) to show the learning curve; the test split is evaluated once, after the
+last step: ``test_accuracy``, ``test_macro_f1``, per-class precision / recall and the confusion
+matrix are those of the final parameters.
 
 Example:
     >>> results = run(TrainSettings(out="runs/default"))  # doctest: +SKIP
@@ -57,6 +59,7 @@ from peft_jax.train.head_init import fit_linear_head
 from peft_jax.train.metrics import MetricsLog, plot_metrics, read_metrics
 from peft_jax.train.parts import split_model
 from peft_jax.train.prefix_cache import PrefixForward, cache_prefix, frozen_depth
+from peft_jax.train.scores import classification_scores
 from peft_jax.train.settings import TrainSettings
 from peft_jax.train.sharding import ENCODER_RULES, batch_ways, make_mesh, make_sharded_train_step
 from peft_jax.train.step import make_train_step
@@ -147,7 +150,10 @@ def prepare(settings: TrainSettings) -> Prepared:
             f"peft-jax train fine-tunes BERT-family encoder classifiers; {settings.model!r} is a "
             f"{checkpoint.family} ({checkpoint.kind}). Known encoders: 'minilm-l6', or an "
             "HF-layout BERT/RoBERTa directory")
-    dataset = data.load_dataset(settings.data)
+    dataset = data.load_dataset(
+        settings.data, text_column=settings.text_column, label_column=settings.label_column,
+        test_fraction=settings.test_fraction, seed=settings.seed,
+    ).with_validation(settings.val_fraction, settings.seed)
     num_layers = models.read_config(checkpoint.path).get("num_hidden_layers")
     lora = LoraConfig(targets=settings.target_selector(num_layers), rank=settings.rank,
                       alpha=settings.alpha, dropout=settings.lora_dropout,
@@ -174,29 +180,28 @@ def _init_head(model: Any, kernel: np.ndarray, bias: np.ndarray) -> None:
     head.bias[...] = bias.astype(head.bias[...].dtype)
 
 
-def _inputs(model: Any, parts: Any, settings: TrainSettings, train_arrays: dict,
-            test_arrays: dict, say: Callable[[str], None]) -> tuple[Forward, dict, dict]:
-    """The forward path and the arrays it reads: cached prefix states when that pays off."""
+def _inputs(model: Any, parts: Any, settings: TrainSettings, splits: dict[str, dict],
+            say: Callable[[str], None]) -> tuple[Forward, dict[str, dict]]:
+    """The forward path and the arrays it reads per split: cached prefix states when that
+    pays off."""
     depth = frozen_depth(model, [p for p, _ in tree_items(parts.trainable)])
-    n, length = train_arrays["input_ids"].shape
-    cache_bytes = 4 * (n + len(test_arrays["input_ids"])) * length * \
-        model.backbone.config.hidden_size
+    rows = sum(len(arrays["input_ids"]) for arrays in splits.values())
+    length = splits["train"]["input_ids"].shape[1]
+    cache_bytes = 4 * rows * length * model.backbone.config.hidden_size
     if not settings.cache_prefix or depth == 0:
-        return FullForward(), train_arrays, test_arrays
+        return FullForward(), splits
     if cache_bytes > CACHE_LIMIT_BYTES:
         say(f"not caching the frozen layers 0..{depth - 1}: {cache_bytes / 2**30:.1f} GiB > "
             f"{CACHE_LIMIT_BYTES / 2**30:.0f} GiB")
-        return FullForward(), train_arrays, test_arrays
+        return FullForward(), splits
     t0 = time.perf_counter()
     kw = dict(batch_size=settings.eval_batch_size, bucket=settings.bucket)
-    cached = []
-    for arrays in (train_arrays, test_arrays):
-        hidden = cache_prefix(model, arrays, depth, **kw)
-        cached.append({"hidden": hidden, "attention_mask": arrays["attention_mask"],
-                       "labels": arrays["labels"]})
+    cached = {name: {"hidden": cache_prefix(model, arrays, depth, **kw),
+                     "attention_mask": arrays["attention_mask"], "labels": arrays["labels"]}
+              for name, arrays in splits.items()}
     say(f"cached the frozen embeddings + layers 0..{depth - 1} ({cache_bytes / 2**20:.0f} MiB, "
         f"{time.perf_counter() - t0:.1f}s); training runs layers {depth}.. only")
-    return PrefixForward(depth), cached[0], cached[1]
+    return PrefixForward(depth), cached
 
 
 def _train_step(parts: Any, model_loss: Callable, tx: optax.GradientTransformation, mesh: Any
@@ -297,14 +302,17 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     peft_nnx.attach(model, prep.lora, rngs=nnx.Rngs(params=s.seed, dropout=s.seed + 1),
                     name=ADAPTER_NAME)
     summary = peft_nnx.summary(model)
-    say(f"model {s.model} | data {s.data} ({len(dataset.train)} train / {len(dataset.test)} "
-        f"test) | LoRA r={s.rank} alpha={s.alpha} on {s.targets}"
+    say(f"model {s.model} | data {s.data} ({len(dataset.train)} train / {len(dataset.val)} "
+        f"val / {len(dataset.test)} test) | LoRA r={s.rank} alpha={s.alpha} on {s.targets}"
         f"{f' layers {s.layers}' if s.layers else ''} | {summary}")
 
-    train_arrays = data.tokenize_examples(tokenizer, dataset.train, s.max_length)
-    test_arrays = data.tokenize_examples(tokenizer, dataset.test, s.max_length)
+    arrays = {name: data.tokenize_examples(tokenizer, examples, s.max_length)
+              for name, examples in (("train", dataset.train), ("val", dataset.val),
+                                     ("test", dataset.test)) if examples}
+    train_arrays, test_arrays = arrays["train"], arrays["test"]
     parts = split_model(model)
-    forward, train_inputs, test_inputs = _inputs(model, parts, s, train_arrays, test_arrays, say)
+    forward, inputs = _inputs(model, parts, s, arrays, say)
+    train_inputs, test_inputs = inputs["train"], inputs["test"]
     t0 = time.perf_counter()
     kw = dict(forward=forward, batch_size=s.eval_batch_size, bucket=s.bucket)
     train_feats = frozen_features(model, train_inputs, **kw)
@@ -325,15 +333,23 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     steps_per_epoch = len(train_inputs["labels"]) // s.batch_size
     num_steps = s.steps or max(1, math.ceil(s.epochs * steps_per_epoch))
     eval_every = steps_per_epoch if s.eval_every is None else s.eval_every
+    if "val" not in inputs:  # no validation split: the test split is read once, at the end
+        eval_every = 0
     tx = _optimizer(s, num_steps)
     model_loss = make_classification_loss(forward, model_dropout=s.model_dropout)
     step, trainable, frozen = _train_step(parts, model_loss, tx, prep.mesh)
-    evaluate = make_classification_eval(eval_parts, frozen, test_inputs, **kw)
+    evaluate = (make_classification_eval(eval_parts, frozen, inputs["val"], **kw)
+                if "val" in inputs else None)
+    evaluate_test = make_classification_eval(eval_parts, frozen, test_inputs,
+                                             num_classes=dataset.num_labels, **kw)
     rng = jax.random.key(s.seed + 2) if s.model_dropout or s.lora_dropout > 0 else None
 
     result = _train(prep, step, trainable, frozen, train_inputs, evaluate=evaluate, rng=rng,
                     num_steps=num_steps, eval_every=eval_every, log=log)
-    final = result.last_eval or {}
+    final = evaluate_test(result.trainable)
+    scores = classification_scores(final.pop("confusion"), dataset.label_names)
+    say(f"test: accuracy {final['accuracy']:.4f} | loss {final['loss']:.4f} | macro-F1 "
+        f"{scores['macro_f1']:.4f}")
     nnx.update(model, jax.device_get(result.trainable))
     formats = _save_adapter(model, prep, say)
     train_tokens = [r["tokens_per_s"] for r in result.history if "tokens_per_s" in r]
@@ -344,8 +360,14 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         "trainable_params": summary.trainable,
         "total_params": summary.total,
         "trainable_percent": summary.percent,
-        "test_accuracy": final.get("accuracy"),
-        "test_loss": final.get("loss"),
+        "test_accuracy": final["accuracy"],
+        "test_loss": final["loss"],
+        "test_macro_f1": scores["macro_f1"],
+        "test_per_class": scores["per_class"],
+        "test_confusion_matrix": scores["confusion_matrix"],
+        "label_names": scores["labels"],
+        "val_accuracy": (result.last_eval or {}).get("accuracy"),
+        "val_loss": (result.last_eval or {}).get("loss"),
         "majority_accuracy": base.majority_accuracy,
         "linear_probe_accuracy": base.linear_probe_accuracy,
         "steps": result.step,
@@ -357,6 +379,7 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         "prefix_cache_depth": getattr(forward, "depth", 0),
         "wall_seconds": time.perf_counter() - t_start,
         "num_train": len(dataset.train),
+        "num_val": len(dataset.val),
         "num_test": len(dataset.test),
         "backend": jax.default_backend(),
         "device_count": jax.device_count(),
@@ -393,6 +416,8 @@ def report(results: dict[str, Any]) -> str:
         f"test accuracy   {results['method']} {acc_text} | linear probe {probe:.4f} | "
         f"majority class {results['majority_accuracy']:.4f}",
         f"{results['method']} - probe    {gain}",
+        *([f"test macro-F1   {results['test_macro_f1']:.4f}"] if "test_macro_f1" in results
+          else []),
         f"trainable       {results['trainable_params']:,} of {results['total_params']:,} params "
         f"({results['trainable_percent']:.4f}%)",
         f"wall time       {results['wall_seconds']:.1f} s "

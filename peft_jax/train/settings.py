@@ -52,7 +52,13 @@ class TrainSettings:
 
     Attributes:
         model: a registered model name (`peft_jax.models.known_names`) or an HF-layout directory.
-        data: a registered dataset name (`peft_jax.data.known_datasets`) or a JSONL directory.
+        data: a registered dataset name (`peft_jax.data.known_datasets`), a CSV / TSV / JSONL
+            table, or a directory of ``train`` and ``test`` tables (`peft_jax.data.tables`).
+        text_column, label_column: the table's columns holding the text and the class.
+        val_fraction: the seeded share of training examples held out as the validation split,
+            which periodic evaluation reads (0: no validation split, no periodic evaluation).
+            The test split is evaluated once, after the last step.
+        test_fraction: for a single table file, the seeded share of rows held out for testing.
         method: the PEFT method (only ``"lora"`` for now).
         rank, alpha, lora_dropout: LoRA hyper-parameters (scale = alpha / rank).
         targets: comma-separated module names, a preset (`TARGET_PRESETS`), or a regex.
@@ -90,6 +96,10 @@ class TrainSettings:
 
     model: str = "minilm-l6"
     data: str = "fine-foods"
+    text_column: str = "text"
+    label_column: str = "label"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
     method: str = "lora"
     rank: int = 8
     alpha: float = 16.0
@@ -144,14 +154,15 @@ class TrainSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
                 raise errors.InvalidConfigError(f"{name} must be a number > {low}, got {value!r}")
-        for name in ("lora_dropout", "weight_decay", "warmup"):
+        for name in ("lora_dropout", "weight_decay", "warmup", "val_fraction", "test_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise errors.InvalidConfigError(f"{name} must be in [0, 1), got {value!r}")
         if self.head_init not in ("probe", "random"):
             raise errors.InvalidConfigError(
                 f"head_init must be 'probe' or 'random', got {self.head_init!r}")
-        for name in ("model", "data", "targets", "modules_to_save"):
+        for name in ("model", "data", "targets", "modules_to_save", "text_column",
+                     "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise errors.InvalidConfigError(f"{name} must be a non-empty string")
         if self.layers is not None and not isinstance(self.layers, str):
@@ -271,7 +282,8 @@ def _coerce(name: str, value: Any) -> Any:
         return ",".join(f"{axis}={size}" for axis, size in value.items())
     if name == "layers" and isinstance(value, (int, list, tuple)) and not isinstance(value, bool):
         return ",".join(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
-    if name in ("alpha", "lr", "epochs", "lora_dropout", "weight_decay", "warmup") and (
+    if name in ("alpha", "lr", "epochs", "lora_dropout", "weight_decay", "warmup",
+                "val_fraction", "test_fraction") and (
             isinstance(value, int) and not isinstance(value, bool)):
         return float(value)
     return value
