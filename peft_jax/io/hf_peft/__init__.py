@@ -1,8 +1,8 @@
 """HF PEFT's adapter files (``adapter_config.json`` + ``adapter_model.safetensors``), both ways.
 
 Methods so far: the LoRA family (LoRA, rsLoRA, DoRA, per-module rank / alpha, LoRA on
-embeddings, ``lora_bias``, ``modules_to_save``: `lora`), IA3, LoHa, LoKr and OFT (`per_module`)
-and the prompt family (prompt tuning, P-tuning, prefix tuning, LLaMA-Adapter: `virtual_tokens`);
+embeddings, ``lora_bias``, ``modules_to_save``: `lora`), AdaLoRA (`adalora`), IA3, LoHa, LoKr
+and OFT (`per_module`) and the prompt family (prompt tuning, P-tuning, prefix tuning, LLaMA-Adapter: `virtual_tokens`);
 other methods raise a typed error.
 A key map turns our "/" module paths into HF's dotted names and back: any object with
 ``to_hf(path)`` and ``to_ours(name)``; `DECODER` and `ENCODER` are the reference models'

@@ -26,6 +26,7 @@ import numpy as np
 from peft_jax import errors
 from peft_jax.io.atomic import atomic_directory
 from peft_jax.io.frontends import AdapterParts
+from peft_jax.io.hf_peft.adalora import export_adalora, import_adalora, is_adalora
 from peft_jax.io.hf_peft.keys import ROOT
 from peft_jax.io.hf_peft.lora import export_lora, import_lora, is_lora_family
 from peft_jax.io.hf_peft.per_module import FAMILIES, export_per_module, family_of, import_per_module
@@ -45,7 +46,8 @@ def export_hf_peft(parts: AdapterParts, out_dir: str | os.PathLike, *, key_map: 
                    task_type: str | None = None, base_model_name_or_path: str | None = None,
                    overwrite: bool = False) -> Path:
     """Writes one adapter (`peft_jax.io.frontends.AdapterParts`) in HF PEFT's format: the LoRA
-    family (`peft_jax.io.hf_peft.lora`) or the prompt family (`~.virtual_tokens`).
+    family (`peft_jax.io.hf_peft.lora`), AdaLoRA (`~.adalora`), the per-module families
+    (`~.per_module`) or the prompt family (`~.virtual_tokens`).
 
     Raises:
         InvalidConfigError: a method HF PEFT's format cannot hold here (named).
@@ -60,13 +62,15 @@ def export_hf_peft(parts: AdapterParts, out_dir: str | os.PathLike, *, key_map: 
     elif is_lora_family(parts.sites):
         fields, tensors = export_lora(parts.sites, parts.state, parts.base, parts.name, key_map)
         tensors = {ROOT + k: v for k, v in tensors.items()}
+    elif is_adalora(parts.sites):
+        fields, tensors = export_adalora(parts.sites, parts.state, parts.name, key_map)
     elif family_of(parts.sites) is not None:
         fields, tensors = export_per_module(parts.sites, parts.state, parts.name, key_map)
     else:
         methods = sorted({type(m).__name__ for _, _, ms in parts.sites for m in ms})
         raise errors.InvalidConfigError(
-            f"the HF PEFT export holds the LoRA family (LoRA, rsLoRA, DoRA, modules_to_save), IA3, VeRA, LoHa, LoKr, "
-            f"OFT, LN tuning, BEFT, trainable tokens and the prompt family so far, one kind per adapter; "
+            f"the HF PEFT export holds the LoRA family (LoRA, rsLoRA, DoRA, modules_to_save), AdaLoRA, IA3, VeRA, "
+            f"LoHa, LoKr, OFT, LN tuning, BEFT, trainable tokens and the prompt family so far, one kind per adapter; "
             f"this adapter has {methods}. "
             f"Save it with peft_jax.save_adapter (bottleneck "
             "adapters and Compacter also as AdapterHub files: peft_jax.io.adapterhub)")
@@ -115,8 +119,10 @@ def import_hf_peft(in_dir: str | os.PathLike, *, architecture: str, base: dict[s
         return virtual_tokens.import_virtual_tokens(config, tensors, architecture, name)
     if peft_type in FAMILIES:
         return import_per_module(config, tensors, base, name, key_map)
+    if peft_type == "ADALORA":
+        return import_adalora(config, tensors, base, name, key_map)
     if peft_type != "LORA":
-        known = ["LORA", *sorted(FAMILIES), *sorted(virtual_tokens.VIRTUAL_TOKEN_TYPES)]
+        known = ["LORA", "ADALORA", *sorted(FAMILIES), *sorted(virtual_tokens.VIRTUAL_TOKEN_TYPES)]
         raise errors.InvalidConfigError(
             f"peft_type {peft_type!r} is not supported by the HF PEFT import yet (supported: {known})")
     return import_lora(config, tensors, base, name, key_map)
