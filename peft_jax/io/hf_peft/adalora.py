@@ -37,11 +37,10 @@ from typing import Any
 import numpy as np
 
 from peft_jax import errors
-from peft_jax.io.hf_peft.fields import one_value
+from peft_jax.io.hf_peft.fields import one_value, plain_number
 from peft_jax.io.hf_peft.keys import ROOT, KeyMap
-from peft_jax.io.hf_peft.lora import _IGNORED as _LORA_IGNORED
-from peft_jax.io.hf_peft.lora import _MUST_BE_EMPTY as _LORA_MUST_BE_EMPTY
-from peft_jax.io.hf_peft.lora import _number
+from peft_jax.io.hf_peft.lora import IGNORED_FIELDS as LORA_IGNORED
+from peft_jax.io.hf_peft.lora import MUST_BE_EMPTY as LORA_MUST_BE_EMPTY
 from peft_jax.methods import AdaLora
 from peft_jax.methods.config import Placement, compose
 
@@ -55,9 +54,9 @@ _FIELDS = {"init_r": "init_r", "target_r": "target_r", "alpha": "lora_alpha", "d
            "orth_reg_weight": "orth_reg_weight", "total_step": "total_step"}
 #: LoraConfig fields AdaLoRA inherits but HF's AdaLoRA layers never read (its rank is init_r, its
 #: scale lora_alpha / init_r), or bookkeeping.
-_IGNORED = _LORA_IGNORED | {"r", "alpha_pattern", "use_rslora", "init_lora_weights"}
+_IGNORED = LORA_IGNORED | {"r", "alpha_pattern", "use_rslora", "init_lora_weights"}
 #: ... and fields that would change the adapter unless unset (or false).
-_MUST_BE_EMPTY = (*_LORA_MUST_BE_EMPTY, "modules_to_save", "use_dora", "lora_bias", "fan_in_fan_out")
+_MUST_BE_EMPTY = (*LORA_MUST_BE_EMPTY, "modules_to_save", "use_dora", "lora_bias", "fan_in_fan_out")
 #: HF's tensor leaves of a module, in the order A, E, B.
 _LEAVES = ("lora_A", "lora_E", "lora_B")
 _PATTERN_KEY = re.compile(r"(?P<module>.+)\.lora_[AEB](\.[^.]+)?")
@@ -82,7 +81,7 @@ def export_adalora(sites: Sites, state: Mapping[str, np.ndarray], name: str,
     config: dict[str, Any] = {"peft_type": "ADALORA", "target_modules": sorted(methods)}
     for ours, hf in _FIELDS.items():
         config[hf] = one_value([getattr(m, ours) for m in methods.values()], f"AdaLoRA {ours}")
-    config["lora_alpha"] = _number(config["lora_alpha"])
+    config["lora_alpha"] = plain_number(config["lora_alpha"])
     config.update(rank_pattern=None, bias="none", fan_in_fan_out=False, use_dora=False,
                   init_lora_weights=True, modules_to_save=None)
     tensors = {}

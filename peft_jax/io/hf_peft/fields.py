@@ -15,7 +15,7 @@ from typing import Any
 
 from peft_jax import errors
 
-__all__ = ["most_common", "one_value", "pattern_value"]
+__all__ = ["most_common", "one_value", "pattern_value", "plain_number"]
 
 
 def pattern_value(pattern: Mapping[str, Any], hf: str, default: Any) -> Any:
@@ -35,3 +35,13 @@ def one_value(values: list[Any], what: str) -> Any:
             f"HF PEFT's {what} is one value for the whole adapter, but this adapter mixes "
             f"{sorted(set(values), key=str)}; save it with peft_jax.save_adapter")
     return values[0]
+
+
+def plain_number(x: float) -> int | float:
+    """A config number as JSON writes it: ``16.0`` -> ``16``, ``0.5`` stays.
+
+    Example:
+        >>> plain_number(16.0), plain_number(0.5)
+        (16, 0.5)
+    """
+    return int(x) if float(x).is_integer() else float(x)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from peft_jax import errors
-from peft_jax.io.hf_peft.fields import most_common, one_value, pattern_value
+from peft_jax.io.hf_peft.fields import most_common, one_value, pattern_value, plain_number
 from peft_jax.io.hf_peft.keys import ROOT, KeyMap
 from peft_jax.methods import Dora, Lora, ModulesToSave
 from peft_jax.methods.config import Placement, compose
@@ -47,14 +47,14 @@ Sites = Sequence[tuple[str, str, tuple[Any, ...]]]
 # adapter_config.json fields: read and used, or harmless to ignore (inits, bookkeeping) ...
 _USED = {"peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora",
          "use_dora", "lora_bias", "modules_to_save", "lora_dropout", "bias", "fan_in_fan_out"}
-_IGNORED = {"base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
+IGNORED_FIELDS = {"base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping", "peft_version",
             "init_lora_weights", "megatron_core", "qalora_group_size", "ensure_weight_tying", "loftq_config",
             "eva_config", "corda_config", "kasa_config", "lora_ga_config", "monteclora_config",
             "target_parameters", "layers_to_transform", "layers_pattern", "layer_replication", "exclude_modules",
             "megatron_config", "alora_invocation_tokens", "arrow_config", "use_bdlora", "use_qalora",
             "trainable_token_indices", "velora_config"}
 # ... unless set: these change what the adapter computes, which this reader does not model.
-_MUST_BE_EMPTY = ("loftq_config", "layers_to_transform", "layers_pattern", "layer_replication",
+MUST_BE_EMPTY = ("loftq_config", "layers_to_transform", "layers_pattern", "layer_replication",
                   "megatron_config", "alora_invocation_tokens", "arrow_config", "use_bdlora", "use_qalora",
                   "trainable_token_indices", "target_parameters", "velora_config")
 _LEAVES = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b", "lora_embedding_A": "lora_a",
@@ -116,9 +116,9 @@ def export_lora(sites: Sites, state: Mapping[str, np.ndarray], base: Mapping[str
     r = most_common([x.rank for x in lora.values()])
     alpha = most_common([x.alpha for x in lora.values()])
     config = {
-        "peft_type": "LORA", "r": r, "lora_alpha": _number(alpha), "target_modules": sorted(loras),
+        "peft_type": "LORA", "r": r, "lora_alpha": plain_number(alpha), "target_modules": sorted(loras),
         "rank_pattern": {re.escape(hf): x.rank for hf, x in lora.items() if x.rank != r},
-        "alpha_pattern": {re.escape(hf): _number(x.alpha) for hf, x in lora.items() if x.alpha != alpha},
+        "alpha_pattern": {re.escape(hf): plain_number(x.alpha) for hf, x in lora.items() if x.alpha != alpha},
         "use_rslora": one_value([x.use_rslora for x in lora.values()], "use_rslora"),
         "use_dora": one_value([isinstance(m, Dora) for m, _ in loras.values()], "use_dora"),
         "lora_bias": one_value([x.lora_bias for x in lora.values()], "lora_bias"),
@@ -129,17 +129,13 @@ def export_lora(sites: Sites, state: Mapping[str, np.ndarray], base: Mapping[str
     return config, tensors
 
 
-def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
-
-
 def _check_fields(config: Mapping[str, Any]) -> None:
-    unknown = sorted(set(config) - _USED - _IGNORED)
+    unknown = sorted(set(config) - _USED - IGNORED_FIELDS)
     if unknown:
         raise errors.InvalidConfigError(
             f"adapter_config.json has field(s) {unknown} this reader does not know; they may change what the "
             "adapter computes, so it is not loaded (remove them if they are defaults)")
-    for field in _MUST_BE_EMPTY:
+    for field in MUST_BE_EMPTY:
         if config.get(field) not in (None, False, {}, [], ""):
             raise errors.InvalidConfigError(
                 f"adapter_config.json sets {field}={config[field]!r}, which peft_jax does not support; "
