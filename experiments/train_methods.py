@@ -11,7 +11,7 @@ the frozen linear probe, both computed in the same run (`peft_jax.train.baseline
 
 As in ``peft-jax train`` the classifier starts from the linear probe (LP-FT, `fit_linear_head`)
 and the optimizer is AdamW with 6% linear warmup then linear decay, global-norm clip 1.0
-(`peft_jax.train.recipe._optimizer`); one learning rate per method, for the method's params and the
+(`peft_jax.train.recipe.optimizer`); one learning rate per method, for the method's params and the
 head alike (`METHODS`).
 
 Example:
@@ -48,7 +48,7 @@ from peft_jax.train.head_init import fit_linear_head
 from peft_jax.train.parts import split_model
 from peft_jax.train.rank_allocation import allocate_ranks
 from peft_jax.train.rank_report import rank_report, write_rank_report
-from peft_jax.train.recipe import _optimizer
+from peft_jax.train.recipe import optimizer
 from peft_jax.train.settings import TrainSettings
 
 MODEL, DATA, MAX_LENGTH, BUCKET, EVAL_BATCH = "minilm-l6", "fine-foods", 128, 32, 64
@@ -156,7 +156,7 @@ def run_method(name: str, *, path: Any, num_labels: int, train: dict, test: dict
     model.eval()
     eval_parts = split_model(model)
     settings = TrainSettings(lr=lr, steps=steps, batch_size=batch_size, seed=seed)
-    tx = _optimizer(settings, steps)
+    tx = optimizer(settings, steps)
     if adalora is not None:
         tx = allocate_ranks(tx, adalora)
     step = peft_jax.make_train_step(parts.loss(make_classification_loss()), tx, has_aux=True)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "jax_version": jax.__version__,
         "model": MODEL, "data": DATA, "max_length": MAX_LENGTH, "bucket": BUCKET,
         "optimizer": "AdamW (weight decay 0.01), 6% linear warmup then linear decay to 0, "
-                     "global-norm clip 1.0 (peft_jax.train.recipe._optimizer)",
+                     "global-norm clip 1.0 (peft_jax.train.recipe.optimizer)",
         "head_init": "linear probe (fit_linear_head on frozen mean-pooled features), as "
                      "peft-jax train's default",
         "model_dropout": False,

@@ -62,6 +62,10 @@ def test_metrics_jsonl(trained):
     evals = [r for r in records if "eval_accuracy" in r]
     assert [r["step"] for r in train] == [2, 4, 6, 8]
     assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train)
+    # lr follows the warmup-then-decay schedule; grad_norm is the pre-clip norm; epoch = step / 5
+    assert all(r["grad_norm"] > 0 and 0 <= r["lr"] <= 3e-3 for r in train)
+    assert [r["epoch"] for r in train] == [0.4, 0.8, 1.2, 1.6]
+    assert train[-1]["lr"] < train[1]["lr"]  # decaying towards 0 after the warmup
     assert [r["step"] for r in evals] == [4, 8]
     results = json.loads((trained / "results.json").read_text())
     assert evals[-1]["eval_accuracy"] == results["val_accuracy"]  # periodic: validation

@@ -114,6 +114,8 @@ def _format(record: Mapping[str, Any], total: int | None) -> str:
             parts.append(f"{value:,.0f} tok/s")
         elif key == "elapsed_s":
             parts.append(f"{value:.1f}s")
+        elif key == "lr":
+            parts.append(f"lr {value:.3g}")
         else:
             parts.append(f"{key} {value:.4f}")
     return " | ".join(parts)
@@ -134,7 +136,8 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
         trainable: initial trainable parameters (donated to the first step).
         opt_state: initial optimizer state (donated to the first step).
         frozen: frozen parameters, passed to every step unchanged.
-        batches: any iterable of batches (dicts of numpy / JAX arrays, or any pytree).
+        batches: any iterable of batches (dicts of numpy / JAX arrays, or any pytree); when it
+            has ``steps_per_epoch``, training records carry ``epoch`` (steps / that).
         num_steps: stop after this many steps (``None``: when ``batches`` ends).
         evaluate: ``evaluate(trainable) -> {name: value}``, called every ``eval_every`` steps and
             after the last step; its results are recorded as ``eval_<name>``.
@@ -197,6 +200,11 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
                 "eval_seconds": time.perf_counter() - t0})
         return results
 
+    steps_per_epoch = getattr(batches, "steps_per_epoch", None)
+
+    def epoch_of(step: int) -> dict[str, float]:
+        return {"epoch": round(step / steps_per_epoch, 4)} if steps_per_epoch else {}
+
     step, last_eval, evaluated_at, saved_at = start_step, None, None, None
     sums: dict[str, float] = {}
     n_in_interval, tokens, interval_s, train_s = 0, 0, 0.0, 0.0
@@ -226,7 +234,8 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
                            tokens_per_s=tokens / max(interval_s, 1e-9))
             is_last = total is not None and step == total
             if step % log_every == 0 or is_last:
-                record({"step": step, **{k: v / n_in_interval for k, v in sums.items()},
+                record({"step": step, **epoch_of(step),
+                        **{k: v / n_in_interval for k, v in sums.items()},
                         "tokens_per_s": tokens / max(interval_s, 1e-9), "elapsed_s": train_s})
                 sums, n_in_interval, tokens, interval_s = {}, 0, 0, 0.0
             if checkpointer is not None and (is_last or (save_every and step % save_every == 0)):
@@ -235,7 +244,8 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
             if evaluate is not None and eval_every and step % eval_every == 0:
                 last_eval, evaluated_at = run_eval(step), step
         if n_in_interval:  # the iterable ended between two log points
-            record({"step": step, **{k: v / n_in_interval for k, v in sums.items()},
+            record({"step": step, **epoch_of(step),
+                    **{k: v / n_in_interval for k, v in sums.items()},
                     "tokens_per_s": tokens / max(interval_s, 1e-9), "elapsed_s": train_s})
         if checkpointer is not None and saved_at != step and step > start_step:
             save(step)

@@ -64,7 +64,7 @@ from peft_jax.train.settings import TrainSettings
 from peft_jax.train.sharding import ENCODER_RULES, batch_ways, make_mesh, make_sharded_train_step
 from peft_jax.train.step import make_train_step
 
-__all__ = ["Prepared", "prepare", "run"]
+__all__ = ["CLIP_NORM", "Prepared", "optimizer", "prepare", "run"]
 
 ADAPTER_NAME = "default"
 CACHE_LIMIT_BYTES = 4 * 2**30  # cached prefix states beyond this: recompute them every step
@@ -163,13 +163,15 @@ def prepare(settings: TrainSettings) -> Prepared:
     return Prepared(settings, checkpoint, dataset, out, lora, mesh, _resume_step(settings, out))
 
 
-def _optimizer(settings: TrainSettings, num_steps: int) -> optax.GradientTransformation:
+CLIP_NORM = 1.0  # gradients are clipped to this global norm; the pre-clip norm is logged
+
+
+def _schedule(settings: TrainSettings, num_steps: int) -> optax.Schedule:
+    """Linear warmup over ``settings.warmup`` of the steps, then linear decay to zero."""
     warmup = int(round(settings.warmup * num_steps))
     decay = optax.linear_schedule(settings.lr, 0.0, max(num_steps - warmup, 1))
-    schedule = decay if warmup == 0 else optax.join_schedules(
+    return decay if warmup == 0 else optax.join_schedules(
         [optax.linear_schedule(0.0, settings.lr, warmup), decay], [warmup])
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(schedule, weight_decay=settings.weight_decay))
 
 
 def _init_head(model: Any, kernel: np.ndarray, bias: np.ndarray) -> None:
@@ -204,15 +206,32 @@ def _inputs(model: Any, parts: Any, settings: TrainSettings, splits: dict[str, d
     return PrefixForward(depth), cached
 
 
-def _train_step(parts: Any, model_loss: Callable, tx: optax.GradientTransformation, mesh: Any
-                ) -> tuple[Any, Any, Any]:
-    """``(step, trainable, frozen)``: jitted on one device, or over ``mesh`` with the params
-    placed on their shardings (`ENCODER_RULES`; adapters follow their base layers)."""
+def optimizer(settings: TrainSettings, num_steps: int) -> optax.GradientTransformation:
+    """The recipe's optimizer as one optax transformation (clip to `CLIP_NORM`, then AdamW on
+    the warmup-then-decay schedule), for loops of one's own; the recipe itself clips in the
+    step (`StepOptions.clip_norm`) so that ``grad_norm`` and ``lr`` are logged. Same updates.
+
+    Example:
+        >>> tx = optimizer(TrainSettings(), num_steps=100)
+        >>> callable(tx.update)
+        True
+    """
+    return optax.chain(optax.clip_by_global_norm(CLIP_NORM),
+                       optax.adamw(_schedule(settings, num_steps), weight_decay=settings.weight_decay))
+
+
+def _train_step(parts: Any, model_loss: Callable, schedule: optax.Schedule,
+                settings: TrainSettings, mesh: Any) -> tuple[Any, Any, Any]:
+    """``(step, trainable, frozen)``: AdamW on ``schedule`` after clipping to `CLIP_NORM`, with
+    ``lr`` and ``grad_norm`` in the step's metrics; jitted on one device, or over ``mesh`` with
+    the params placed on their shardings (`ENCODER_RULES`; adapters follow their base layers)."""
     loss = parts.loss(model_loss)
+    tx = optax.adamw(schedule, weight_decay=settings.weight_decay)
+    options = dict(has_aux=True, clip_norm=CLIP_NORM, lr_schedule=schedule)
     if mesh is None:
-        return make_train_step(loss, tx, has_aux=True), parts.trainable, parts.frozen
+        return make_train_step(loss, tx, **options), parts.trainable, parts.frozen
     step = make_sharded_train_step(loss, tx, mesh, parts.trainable, parts.frozen,
-                                   rules=ENCODER_RULES, has_aux=True)
+                                   rules=ENCODER_RULES, **options)
     trainable, frozen = step.place(parts.trainable, parts.frozen)
     return step, trainable, frozen
 
@@ -335,9 +354,9 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     eval_every = steps_per_epoch if s.eval_every is None else s.eval_every
     if "val" not in inputs:  # no validation split: the test split is read once, at the end
         eval_every = 0
-    tx = _optimizer(s, num_steps)
+    schedule = _schedule(s, num_steps)
     model_loss = make_classification_loss(forward, model_dropout=s.model_dropout)
-    step, trainable, frozen = _train_step(parts, model_loss, tx, prep.mesh)
+    step, trainable, frozen = _train_step(parts, model_loss, schedule, s, prep.mesh)
     evaluate = (make_classification_eval(eval_parts, frozen, inputs["val"], **kw)
                 if "val" in inputs else None)
     evaluate_test = make_classification_eval(eval_parts, frozen, test_inputs,
