@@ -58,7 +58,7 @@ def test_jsonl_dir(tmp_path):
     ds = data.load_dataset(tmp_path)
     assert ds.label_names == ("neg", "pos") and ds.train == [("good stuff", 1), ("awful", 0)]
     (tmp_path / "test.jsonl").write_text('{"text": "x"}\n')
-    with pytest.raises(errors.CheckpointError, match="test.jsonl:1"):
+    with pytest.raises(errors.DataError, match=r"test.jsonl: row 1 has no column 'label'"):
         data.load_dataset(tmp_path)
 
 
