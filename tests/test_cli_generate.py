@@ -10,53 +10,19 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from train import tiny_decoder
 
 from peft_jax.cli import main
 from peft_jax.errors import CheckpointError, InvalidConfigError
 from peft_jax.models.decoder_config import DecoderConfig
-from peft_jax.models.decoder_load import hf_tensor_shapes
 from peft_jax.models.generate import generate
 from peft_jax.models.generate_text import complete, generate_command, load_generator, make_prompts
 from peft_jax.models.lm_tokenizer import LMTokenizer
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-            "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
-            "{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def _tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    lines = ["hello world, the capital of France is Paris", "once upon a time there was a cat",
-             "What is the capital of France?", "héllo wörld 日本 🙂"] * 8
-    tok.train_from_iterator(lines, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=SPECIALS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_decoder")
-    tok = _tokenizer()
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
-         "chat_template": TEMPLATE}))
-    hf = {"model_type": "llama", "vocab_size": tok.get_vocab_size(), "hidden_size": 32,
-          "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "tie_word_embeddings": True,
-          "eos_token_id": tok.token_to_id("<|im_end|>")}
-    (d / "config.json").write_text(json.dumps(hf))
-    rng = np.random.default_rng(0)
-    shapes = hf_tensor_shapes(DecoderConfig.from_hf(hf))
-    save_file({k: (rng.standard_normal(s) * 0.5).astype(np.float32) for k, s in shapes.items()},
-              str(d / "model.safetensors"))
-    return d
+    return tiny_decoder.write_decoder(tmp_path_factory.mktemp("tiny_decoder"))
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pathlib import Path
 from peft_jax.data.dataset import TextClassificationData, carve
 from peft_jax.errors import DataError
 
-__all__ = ["TABLE_SUFFIXES", "load_table", "read_rows"]
+__all__ = ["TABLE_SUFFIXES", "jsonl_records", "load_table", "read_rows", "read_utf8"]
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
@@ -45,14 +45,8 @@ def read_rows(path: str | os.PathLike, text_column: str, label_column: str
     if suffix not in TABLE_SUFFIXES:
         raise DataError(f"{path}: a table must end in {', '.join(TABLE_SUFFIXES)}, "
                                  f"not {suffix or 'no suffix'!r}")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line} holds bytes that are not UTF-8 (byte "
-                                 f"{e.start}); save the table as UTF-8") from None
-    records = _jsonl_records(path, text) if suffix == ".jsonl" else _delimited_records(
+    text = read_utf8(path)
+    records = jsonl_records(path, text) if suffix == ".jsonl" else _delimited_records(
         path, text, "\t" if suffix == ".tsv" else ",")
     if not records:
         raise DataError(f"{path} holds no rows; a table needs a header and at least "
@@ -88,7 +82,30 @@ def _delimited_records(path: Path, text: str, delimiter: str) -> list[tuple[int,
     return records
 
 
-def _jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of a file, which must be UTF-8 (a byte-order mark is dropped).
+
+    Raises:
+        DataError: bytes that are not UTF-8 (the line is named), or an unreadable file.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from e
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} holds bytes that are not UTF-8 (byte "
+                        f"{e.start}); save the file as UTF-8") from None
+
+
+def jsonl_records(path: Path, text: str) -> list[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of JSONL ``text`` read from ``path``.
+
+    Raises:
+        DataError: a line that is not a JSON object (file and line named).
+    """
     records = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

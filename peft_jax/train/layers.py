@@ -79,7 +79,7 @@ def restrict_to_layers(selector: str | list[str], indices: list[int] | None) -> 
     """
     if indices is None:
         return selector
-    layer = r"(?:.*/)?layer/(?:" + "|".join(str(i) for i in indices) + r")/"
+    layer = r"(?:.*/)?layers?/(?:" + "|".join(str(i) for i in indices) + r")/"
     if isinstance(selector, str):
         return rf"(?={layer})(?:{selector})"
     names = "|".join(re.escape(n) for n in selector)

@@ -126,14 +126,17 @@ def _series(records: Iterable[Mapping[str, Any]], key: str) -> tuple[list[float]
 
 
 def plot_metrics(records: Iterable[Mapping[str, Any]], path: str | os.PathLike, *,
-                 title: str = "", baselines: Mapping[str, float] | None = None) -> Path:
-    """Plots training loss (and eval loss) and eval accuracy against the step, to a PNG.
+                 title: str = "", baselines: Mapping[str, float] | None = None,
+                 metric: str = "accuracy") -> Path:
+    """Plots training loss (and eval loss) and an eval metric against the step, to a PNG.
 
     Args:
         records: metric records (as `MetricsLog` writes them).
         path: the ``.png`` to write.
         title: a figure title.
-        baselines: ``{label: accuracy}`` drawn as dashed horizontal lines on the accuracy panel.
+        baselines: ``{label: value}`` drawn as dashed horizontal lines on the metric's panel.
+        metric: the second panel's metric: ``eval_<metric>`` (and the training ``<metric>``
+            where recorded), e.g. ``"accuracy"`` or ``"perplexity"``.
 
     Returns:
         ``path``.
@@ -165,16 +168,16 @@ def plot_metrics(records: Iterable[Mapping[str, Any]], path: str | os.PathLike, 
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.grid(alpha=0.3)
-    xs, ys = _series(records, "eval_accuracy")
+    xs, ys = _series(records, f"eval_{metric}")
     if xs:
-        ax_acc.plot(xs, ys, marker="o", label="eval accuracy")
-    xs, ys = _series(records, "accuracy")
+        ax_acc.plot(xs, ys, marker="o", label=f"eval {metric}")
+    xs, ys = _series(records, metric)
     if xs:
-        ax_acc.plot(xs, ys, alpha=0.6, label="train accuracy")
+        ax_acc.plot(xs, ys, alpha=0.6, label=f"train {metric}")
     for (label, value), style in zip((baselines or {}).items(), ("--", ":", "-.", "--")):
         ax_acc.axhline(value, linestyle=style, color="gray", label=f"{label} {value:.3f}")
     ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylabel(metric)
     ax_acc.grid(alpha=0.3)
     for ax in (ax_loss, ax_acc):
         if ax.get_legend_handles_labels()[0]:

@@ -1,4 +1,5 @@
-"""The `peft-jax train` recipe: LoRA-tune an encoder classifier and report it against baselines.
+"""The `peft-jax train` recipe: LoRA-tune an encoder classifier and report it against baselines
+(a decoder goes to the language-model recipe, `peft_jax.train.lm_recipe`).
 
 `run` validates everything it can first (settings, model and dataset names, target selectors,
 the output directory) so bad input fails before any compile and before anything is written. Then
@@ -26,27 +27,21 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from peft_jax import data, errors, io, models
 from peft_jax import nnx as peft_nnx
 from peft_jax.core.paths import tree_items
 from peft_jax.methods import LoraConfig
+from peft_jax.train import lm_recipe
 from peft_jax.train.baselines import baselines
-from peft_jax.train.buckets import LengthBucketedBatches
-from peft_jax.train.checkpoint import Checkpointer, restore_training_state
 from peft_jax.train.classify import (
     Forward,
     FullForward,
@@ -54,82 +49,29 @@ from peft_jax.train.classify import (
     make_classification_eval,
     make_classification_loss,
 )
-from peft_jax.train.fit import fit
 from peft_jax.train.head_init import fit_linear_head
-from peft_jax.train.metrics import MetricsLog, plot_metrics, read_metrics
+from peft_jax.train.metrics import plot_metrics, read_metrics
 from peft_jax.train.parts import split_model
 from peft_jax.train.prefix_cache import PrefixForward, cache_prefix, frozen_depth
+from peft_jax.train.runs import (
+    ADAPTER_NAME,
+    CLIP_NORM,
+    Prepared,
+    lr_schedule,
+    optimizer,
+    out_dir,
+    resume_step,
+    run_mesh,
+    save_adapter,
+    train,
+    train_step,
+)
 from peft_jax.train.scores import classification_scores
 from peft_jax.train.settings import TrainSettings
-from peft_jax.train.sharding import ENCODER_RULES, batch_ways, make_mesh, make_sharded_train_step
-from peft_jax.train.step import make_train_step
 
 __all__ = ["CLIP_NORM", "Prepared", "optimizer", "prepare", "run"]
 
-ADAPTER_NAME = "default"
 CACHE_LIMIT_BYTES = 4 * 2**30  # cached prefix states beyond this: recompute them every step
-
-
-@dataclasses.dataclass
-class Prepared:
-    """What `prepare` resolved: settings, checkpoint, dataset and output directory."""
-
-    settings: TrainSettings
-    checkpoint: models.ResolvedCheckpoint
-    dataset: data.TextClassificationData
-    out: Path
-    lora: LoraConfig
-    mesh: Any = None
-    resume_step: int | None = None
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out / "checkpoints"
-
-
-def _out_dir(settings: TrainSettings) -> Path:
-    if settings.resume and not settings.out:
-        raise errors.ResumeError("--resume continues the run in --out DIR; pass its --out")
-    out = Path(settings.out) if settings.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if out.exists() and not out.is_dir():
-        raise errors.InvalidConfigError(f"--out {out} exists and is not a directory")
-    if settings.resume:
-        return out
-    if out.is_dir() and any(out.iterdir()) and not settings.overwrite:
-        names = sorted(p.name for p in out.iterdir())[:6]
-        raise errors.InvalidConfigError(
-            f"--out {out} already holds files {names}; pass another --out, --resume to "
-            "continue its run, or --overwrite to replace them")
-    return out
-
-
-def _mesh(settings: TrainSettings) -> Any:
-    """The device mesh (``None``: one device); its batch axes must divide the batch size."""
-    shape = settings.mesh_shape()
-    if shape is None:
-        return None
-    mesh = make_mesh(shape)
-    ways = batch_ways(mesh)
-    if settings.batch_size % ways:
-        raise errors.BatchError(
-            f"--batch-size {settings.batch_size} does not divide over the mesh's batch axes "
-            f"(data x fsdp = {ways} ways); use a multiple of {ways}")
-    return mesh
-
-
-def _resume_step(settings: TrainSettings, out: Path) -> int | None:
-    """The step ``--resume`` continues from: ``None`` when there is no checkpoint yet (the run
-    was stopped before its first save, so it starts from step 0, which makes a restart loop
-    that always passes ``--resume`` work); refuses a foreign checkpoint."""
-    directory = out / "checkpoints"
-    if not settings.resume or not directory.is_dir():
-        return None
-    checkpointer = Checkpointer(str(directory), fingerprint=settings.fingerprint())
-    step = checkpointer.latest_step()
-    if step is not None:
-        checkpointer.check_fingerprint()
-    checkpointer.close()
-    return step
 
 
 def prepare(settings: TrainSettings) -> Prepared:
@@ -145,11 +87,12 @@ def prepare(settings: TrainSettings) -> Prepared:
         ResumeError: ``resume`` with a checkpoint of a different run.
     """
     checkpoint = models.resolve(settings.model)
-    if checkpoint.family != "encoder" or checkpoint.kind != "hf_dir":
+    if checkpoint.family == "decoder":
+        return lm_recipe.prepare(settings, checkpoint)
+    if checkpoint.kind != "hf_dir":
         raise errors.UnsupportedArchitectureError(
-            f"peft-jax train fine-tunes BERT-family encoder classifiers; {settings.model!r} is a "
-            f"{checkpoint.family} ({checkpoint.kind}). Known encoders: 'minilm-l6', or an "
-            "HF-layout BERT/RoBERTa directory")
+            f"peft-jax train fine-tunes BERT-family encoder classifiers from HF-layout "
+            f"directories; {settings.model!r} is a {checkpoint.family} ({checkpoint.kind})")
     dataset = data.load_dataset(
         settings.data, text_column=settings.text_column, label_column=settings.label_column,
         test_fraction=settings.test_fraction, seed=settings.seed,
@@ -158,20 +101,9 @@ def prepare(settings: TrainSettings) -> Prepared:
     lora = LoraConfig(targets=settings.target_selector(num_layers), rank=settings.rank,
                       alpha=settings.alpha, dropout=settings.lora_dropout,
                       modules_to_save=settings.modules_to_save_selector())
-    mesh = _mesh(settings)
-    out = _out_dir(settings)
-    return Prepared(settings, checkpoint, dataset, out, lora, mesh, _resume_step(settings, out))
-
-
-CLIP_NORM = 1.0  # gradients are clipped to this global norm; the pre-clip norm is logged
-
-
-def _schedule(settings: TrainSettings, num_steps: int) -> optax.Schedule:
-    """Linear warmup over ``settings.warmup`` of the steps, then linear decay to zero."""
-    warmup = int(round(settings.warmup * num_steps))
-    decay = optax.linear_schedule(settings.lr, 0.0, max(num_steps - warmup, 1))
-    return decay if warmup == 0 else optax.join_schedules(
-        [optax.linear_schedule(0.0, settings.lr, warmup), decay], [warmup])
+    mesh = run_mesh(settings)
+    out = out_dir(settings)
+    return Prepared(settings, checkpoint, dataset, out, lora, mesh, resume_step(settings, out))
 
 
 def _init_head(model: Any, kernel: np.ndarray, bias: np.ndarray) -> None:
@@ -206,99 +138,6 @@ def _inputs(model: Any, parts: Any, settings: TrainSettings, splits: dict[str, d
     return PrefixForward(depth), cached
 
 
-def optimizer(settings: TrainSettings, num_steps: int) -> optax.GradientTransformation:
-    """The recipe's optimizer as one optax transformation (clip to `CLIP_NORM`, then AdamW on
-    the warmup-then-decay schedule), for loops of one's own; the recipe itself clips in the
-    step (`StepOptions.clip_norm`) so that ``grad_norm`` and ``lr`` are logged. Same updates.
-
-    Example:
-        >>> tx = optimizer(TrainSettings(), num_steps=100)
-        >>> callable(tx.update)
-        True
-    """
-    return optax.chain(optax.clip_by_global_norm(CLIP_NORM),
-                       optax.adamw(_schedule(settings, num_steps), weight_decay=settings.weight_decay))
-
-
-def _train_step(parts: Any, model_loss: Callable, schedule: optax.Schedule,
-                settings: TrainSettings, mesh: Any) -> tuple[Any, Any, Any]:
-    """``(step, trainable, frozen)``: AdamW on ``schedule`` after clipping to `CLIP_NORM`, with
-    ``lr`` and ``grad_norm`` in the step's metrics; jitted on one device, or over ``mesh`` with
-    the params placed on their shardings (`ENCODER_RULES`; adapters follow their base layers)."""
-    loss = parts.loss(model_loss)
-    tx = optax.adamw(schedule, weight_decay=settings.weight_decay)
-    options = dict(has_aux=True, clip_norm=CLIP_NORM, lr_schedule=schedule)
-    if mesh is None:
-        return make_train_step(loss, tx, **options), parts.trainable, parts.frozen
-    step = make_sharded_train_step(loss, tx, mesh, parts.trainable, parts.frozen,
-                                   rules=ENCODER_RULES, **options)
-    trainable, frozen = step.place(parts.trainable, parts.frozen)
-    return step, trainable, frozen
-
-
-def _checkpointer(prep: Prepared) -> Checkpointer:
-    """The run's `Checkpointer`; a fresh (``overwrite``) run first deletes old checkpoints."""
-    if not prep.settings.resume and prep.checkpoint_dir.exists():
-        shutil.rmtree(prep.checkpoint_dir)
-    return Checkpointer(str(prep.checkpoint_dir), fingerprint=prep.settings.fingerprint(),
-                        keep=prep.settings.keep)
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drops the records a killed run wrote after its last checkpoint (they are redone)."""
-    if path.exists():
-        kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-        io.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _train(prep: Prepared, step: Any, trainable: Any, frozen: Any, train_inputs: dict, *,
-           evaluate: Callable, rng: Any, num_steps: int, eval_every: int,
-           log: Callable[[str], None] | None) -> Any:
-    """Fits from step 0, or from the newest checkpoint with ``resume``; returns the `FitResult`."""
-    s, say = prep.settings, log or (lambda _: None)
-    opt_state = step.init(trainable)
-    checkpointer = _checkpointer(prep)
-    start, position = 0, data.DataPosition()
-    if prep.resume_step is not None:
-        state = restore_training_state(checkpointer, trainable, opt_state, rng=rng)
-        start, trainable, opt_state, rng = state.step, state.trainable, state.opt_state, state.rng
-        position = data.DataPosition.from_dict(state.data_position)
-        if prep.mesh is not None:
-            trainable = jax.device_put(trainable, step.trainable)
-            opt_state = jax.device_put(opt_state, step.opt_state)
-        _keep_metrics_until(prep.out / "metrics.jsonl", start)
-        say(f"resuming from the checkpoint of step {start} in {prep.checkpoint_dir}")
-    batches = LengthBucketedBatches(train_inputs, s.batch_size, seed=s.seed, bucket=s.bucket,
-                                    position=position)
-    epochs = num_steps / batches.steps_per_epoch
-    say(f"training {num_steps} steps ({epochs:.2f} epochs of {batches.steps_per_epoch}), batch "
-        f"{s.batch_size}, lr {s.lr}"
-        f"{f', mesh {dict(prep.mesh.shape)}' if prep.mesh is not None else ''} -> {prep.out}")
-    with MetricsLog(prep.out / "metrics.jsonl", append=start > 0) as metrics:
-        result = fit(step, trainable, opt_state, frozen, batches,
-                     num_steps=max(num_steps - start, 0), start_step=start, evaluate=evaluate,
-                     eval_every=eval_every, log_every=s.log_every, log=log, metrics_log=metrics,
-                     rng=rng, checkpointer=checkpointer, save_every=s.save_every)
-    checkpointer.close()
-    return result
-
-
-def _save_adapter(model: Any, prep: Prepared, say: Callable[[str], None]) -> list[str]:
-    """Writes ``adapter/`` in peft_jax's format and, where it can hold the adapter, HF PEFT's
-    (``PeftModel.from_pretrained(base, out/"adapter")`` reads it); returns the formats written."""
-    s = prep.settings
-    common = dict(name=ADAPTER_NAME, base_model=s.model, model_kwargs={"num_labels": prep.dataset.num_labels},
-                  overwrite=True)
-    try:
-        io.save_formats(model, prep.out / "adapter", base_model_name_or_path=str(prep.checkpoint.path),
-                        task_type="SEQ_CLS", **common)
-        return ["peft_jax", "hf-peft"]
-    except errors.InvalidConfigError as e:
-        say(f"adapter/: peft_jax format only; HF PEFT cannot hold this adapter ({e})")
-        io.save_formats(model, prep.out / "adapter", formats=("peft_jax",), **common)
-        return ["peft_jax"]
-
-
 def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Runs the whole recipe and returns the contents of ``results.json``.
 
@@ -309,6 +148,8 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     Raises:
         Everything `prepare` raises, before any work; `NonFiniteLossError` if training diverges.
     """
+    if models.resolve(settings.model).family == "decoder":
+        return lm_recipe.run(settings, log=log)
     say = log or (lambda _: None)
     t_start = time.perf_counter()
     prep = prepare(settings)
@@ -354,23 +195,24 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     eval_every = steps_per_epoch if s.eval_every is None else s.eval_every
     if "val" not in inputs:  # no validation split: the test split is read once, at the end
         eval_every = 0
-    schedule = _schedule(s, num_steps)
+    schedule = lr_schedule(s, num_steps)
     model_loss = make_classification_loss(forward, model_dropout=s.model_dropout)
-    step, trainable, frozen = _train_step(parts, model_loss, schedule, s, prep.mesh)
+    step, trainable, frozen = train_step(parts, model_loss, schedule, s, prep.mesh)
     evaluate = (make_classification_eval(eval_parts, frozen, inputs["val"], **kw)
                 if "val" in inputs else None)
     evaluate_test = make_classification_eval(eval_parts, frozen, test_inputs,
                                              num_classes=dataset.num_labels, **kw)
     rng = jax.random.key(s.seed + 2) if s.model_dropout or s.lora_dropout > 0 else None
 
-    result = _train(prep, step, trainable, frozen, train_inputs, evaluate=evaluate, rng=rng,
+    result = train(prep, step, trainable, frozen, train_inputs, evaluate=evaluate, rng=rng,
                     num_steps=num_steps, eval_every=eval_every, log=log)
     final = evaluate_test(result.trainable)
     scores = classification_scores(final.pop("confusion"), dataset.label_names)
     say(f"test: accuracy {final['accuracy']:.4f} | loss {final['loss']:.4f} | macro-F1 "
         f"{scores['macro_f1']:.4f}")
     nnx.update(model, jax.device_get(result.trainable))
-    formats = _save_adapter(model, prep, say)
+    formats = save_adapter(model, prep, say, task_type="SEQ_CLS",
+                           model_kwargs={"num_labels": dataset.num_labels})
     train_tokens = [r["tokens_per_s"] for r in result.history if "tokens_per_s" in r]
     results = {
         "method": s.method,

@@ -25,7 +25,8 @@ from peft_jax import errors
 from peft_jax.train.layers import check_layers, parse_layers, restrict_to_layers
 from peft_jax.train.sharding import AXES
 
-__all__ = ["METHODS", "TARGET_PRESETS", "TrainSettings", "load_config_file", "parse_mesh"]
+__all__ = ["DECODER_TARGET_PRESETS", "LM_DEFAULTS", "METHODS", "PRESETS", "TARGET_PRESETS", "TrainSettings",
+           "load_config_file", "parse_mesh"]
 
 METHODS = ("lora",)
 # Named target sets for BERT-family encoders (peft_jax.models.encoder module names).
@@ -33,6 +34,20 @@ TARGET_PRESETS: dict[str, list[str]] = {
     "attention": ["query", "key", "value", "attention/output/dense"],
     "all-linear": ["query", "key", "value", "attention/output/dense", "intermediate/dense",
                    "output/dense"],
+}
+# The same presets for decoders (peft_jax.models.decoder module names, LLaMA / Gemma layout).
+DECODER_TARGET_PRESETS: dict[str, list[str]] = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+PRESETS = {"encoder": TARGET_PRESETS, "decoder": DECODER_TARGET_PRESETS}
+# A decoder (causal language model) run starts from these where neither file nor flag sets them:
+# adapters on every layer, no head trained, the Austen novels in blocks of 256 tokens, and
+# perplexity read on at most 64 held-out blocks (a CPU can afford it at every evaluation).
+LM_DEFAULTS: dict[str, Any] = {
+    "data": "austen", "layers": None, "modules_to_save": "", "lr": 5e-4, "epochs": 1.0,
+    "batch_size": 8, "eval_batch_size": 8, "max_length": 256, "bucket": 64,
+    "val_fraction": 0.05, "test_fraction": 0.05, "eval_rows": 64, "steps": 200,
 }
 _REGEX_CHARS = set(".*+?()[]{}|^$\\")
 
@@ -73,7 +88,9 @@ class TrainSettings:
         eval_every: evaluate every this many steps (``None``: once per epoch; 0: only at the end).
         log_every: a progress line every this many steps.
         eval_batch_size: examples per evaluation forward pass.
-        max_length: tokens per text after truncation.
+        eval_rows: evaluate on at most this many rows of each held-out split, the first ones
+            (``None``: all of them).
+        max_length: tokens per text after truncation (a language model's block length).
         bucket: padded lengths are multiples of this (fewer shapes = fewer compiles).
         head_init: ``"probe"`` starts the classifier from the linear probe fit on frozen features
             (LP-FT, Kumar et al. 2022, arXiv:2202.10054); ``"random"`` from a fresh init.
@@ -118,6 +135,7 @@ class TrainSettings:
     eval_batch_size: int = 64
     max_length: int = 128
     bucket: int = 32
+    eval_rows: int | None = None
     head_init: str = "probe"
     model_dropout: bool = False
     cache_prefix: bool = True
@@ -150,6 +168,8 @@ class TrainSettings:
             _check_int("steps", self.steps, minimum=1)
         if self.eval_every is not None:
             _check_int("eval_every", self.eval_every, minimum=0)
+        if self.eval_rows is not None:
+            _check_int("eval_rows", self.eval_rows, minimum=1)
         for name, low, high in (("alpha", 0.0, None), ("lr", 0.0, None), ("epochs", 0.0, None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
@@ -161,10 +181,11 @@ class TrainSettings:
         if self.head_init not in ("probe", "random"):
             raise errors.InvalidConfigError(
                 f"head_init must be 'probe' or 'random', got {self.head_init!r}")
-        for name in ("model", "data", "targets", "modules_to_save", "text_column",
-                     "label_column"):
+        for name in ("model", "data", "targets", "text_column", "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise errors.InvalidConfigError(f"{name} must be a non-empty string")
+        if not isinstance(self.modules_to_save, str):
+            raise errors.InvalidConfigError("modules_to_save must be a string ('' for none)")
         if self.layers is not None and not isinstance(self.layers, str):
             raise errors.InvalidConfigError(f"layers must be a string such as '3-5', got "
                                             f"{self.layers!r}")
@@ -174,19 +195,24 @@ class TrainSettings:
                 raise errors.InvalidConfigError(f"{name} must be true or false")
 
     # --- derived values ---------------------------------------------------------------------
-    def target_selector(self, num_layers: int | None = None) -> str | list[str]:
-        """``targets`` as a `peft_jax.LoraConfig` selector (a preset, a name list, or a regex),
-        restricted to ``layers`` (resolved against ``num_layers``, the model's layer count).
+    def target_selector(self, num_layers: int | None = None, family: str = "encoder"
+                        ) -> str | list[str]:
+        """``targets`` as a `peft_jax.LoraConfig` selector (a preset of the model ``family``, a
+        name list, or a regex), restricted to ``layers`` (resolved against ``num_layers``, the
+        model's layer count).
 
         Example:
             >>> TrainSettings(targets="query", layers="top:1").target_selector(num_layers=6)
-            '(?:.*/)?layer/(?:5)/(?:.*/)?(?:query)'
+            '(?:.*/)?layers?/(?:5)/(?:.*/)?(?:query)'
+            >>> TrainSettings(targets="attention", layers=None).target_selector(family="decoder")
+            ['q_proj', 'k_proj', 'v_proj', 'o_proj']
         """
-        return restrict_to_layers(_selector(self.targets), parse_layers(self.layers, num_layers))
+        return restrict_to_layers(_selector(self.targets, PRESETS[family]),
+                                  parse_layers(self.layers, num_layers))
 
     def modules_to_save_selector(self) -> str | list[str]:
-        """``modules_to_save`` as a selector."""
-        return _selector(self.modules_to_save)
+        """``modules_to_save`` as a selector (``[]`` for ``""``)."""
+        return _selector(self.modules_to_save, {})
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-friendly dict."""
@@ -215,16 +241,23 @@ class TrainSettings:
 
     @classmethod
     def from_sources(cls, file_values: Mapping[str, Any] | None = None,
-                     overrides: Mapping[str, Any] | None = None) -> TrainSettings:
-        """Defaults, then ``file_values`` (a config file), then ``overrides`` (flags).
+                     overrides: Mapping[str, Any] | None = None, *, family: str = "encoder"
+                     ) -> TrainSettings:
+        """Defaults (with `LM_DEFAULTS` over them for a ``"decoder"`` family), then
+        ``file_values`` (a config file), then ``overrides`` (flags).
 
         ``None`` values in ``overrides`` mean "not given" and are skipped.
+
+        Example:
+            >>> s = TrainSettings.from_sources({}, {"model": "smollm2-135m"}, family="decoder")
+            >>> s.data, s.layers, s.max_length
+            ('austen', None, 256)
 
         Raises:
             InvalidConfigError: an unknown key or a bad value (the key is named).
             UnknownNameError: an unknown method.
         """
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(LM_DEFAULTS) if family == "decoder" else {}
         for source in (file_values or {}), (overrides or {}):
             for key, value in source.items():
                 name = str(key).replace("-", "_")
@@ -264,9 +297,9 @@ def parse_mesh(text: str) -> dict[str, int]:
     return shape
 
 
-def _selector(text: str) -> str | list[str]:
-    if text in TARGET_PRESETS:
-        return list(TARGET_PRESETS[text])
+def _selector(text: str, presets: Mapping[str, list[str]]) -> str | list[str]:
+    if text in presets:
+        return list(presets[text])
     if set(text) & _REGEX_CHARS:
         return text
     return [t.strip() for t in text.split(",") if t.strip()]
