@@ -11,6 +11,8 @@ Example:
     $ peft-jax export --adapter runs/r4/adapter --format hf-peft --out exports/r4-hf
     $ peft-jax import --from downloads/some-hf-lora --model smollm2-135m --out adapters/some
     $ peft-jax merge --model smollm2-135m --adapter runs/lm/adapter --out merged/smollm2-lm
+    $ peft-jax eval --run runs/default                  # test scores of a finished run, as JSON
+    $ peft-jax predict --run runs/default --input reviews.txt --out predictions.jsonl
 """
 
 from __future__ import annotations
@@ -165,6 +167,51 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_command("merge_command"))
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="score a finished run's adapter on its test split or another dataset",
+        description="Rebuild the base model of a `peft-jax train` run, load its adapter and print "
+                    "JSON scores: accuracy, macro-F1, per-class precision / recall / F1 and the "
+                    "confusion matrix for a classifier; perplexity for a language model.")
+    add = p.add_argument
+    add("--run", required=True, metavar="DIR", help="the --out directory of a finished run")
+    add("--data", metavar="NAME_OR_PATH",
+        help="dataset to score, every row of it (default: the run's own test split)")
+    add("--batch-size", type=int, metavar="N", help="rows per forward pass (default: the run's)")
+    p.set_defaults(func=_eval)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="label texts (classifier) or continue them (language model) with a run's adapter",
+        description="Apply a finished run's adapter to every text of --input (.txt, one per line; "
+                    "or .jsonl with a 'text' field) and write one JSON line each to --out: label and "
+                    "class probabilities, or the greedy generation.")
+    add = p.add_argument
+    add("--run", required=True, metavar="DIR", help="the --out directory of a finished run")
+    add("--input", required=True, metavar="FILE", help=".txt (one text per line) or .jsonl with 'text'")
+    add("--out", required=True, metavar="FILE", help="the JSONL file to write (atomically)")
+    add("--max-new-tokens", type=int, default=32, metavar="N", help="language models: new tokens (default: 32)")
+    p.set_defaults(func=_predict)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from peft_jax.train.evaluation import evaluate_run  # noqa: PLC0415 (keeps `--help` fast)
+
+    print(json.dumps(evaluate_run(args.run, args.data, batch_size=args.batch_size), indent=1), flush=True)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from peft_jax.train.evaluation import predict_run  # noqa: PLC0415
+
+    count = predict_run(args.run, args.input, args.out, max_new_tokens=args.max_new_tokens)
+    print(f"wrote {count} predictions to {args.out}", flush=True)
+    return 0
+
+
 def _command(name: str):
     """A handler calling ``peft_jax.io.commands.<name>`` with the parsed flags."""
 
@@ -188,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_import(sub)
     _add_merge(sub)
+    _add_eval(sub)
+    _add_predict(sub)
     return parser
 
 

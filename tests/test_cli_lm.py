@@ -5,6 +5,7 @@ input (typed errors, exit 2, nothing written)."""
 import json
 import re
 
+import jax
 import pytest
 from train import tiny_decoder
 
@@ -54,6 +55,8 @@ def test_text_run_lowers_held_out_perplexity(text_run, capsys):
     names = {m.rsplit(".", 1)[-1] for m in config["target_modules"]}
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (text_run / "metrics.png").is_file()
+    env = results["environment"]
+    assert env["versions"]["jax"] == jax.__version__ and env["peak_rss_bytes"] > 0 and env["cpu_model"]
 
 
 def _chat_rows(n, seed):

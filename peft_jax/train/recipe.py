@@ -53,6 +53,7 @@ from peft_jax.train.head_init import fit_linear_head
 from peft_jax.train.metrics import plot_metrics, read_metrics
 from peft_jax.train.parts import split_model
 from peft_jax.train.prefix_cache import PrefixForward, cache_prefix, frozen_depth
+from peft_jax.train.provenance import run_environment
 from peft_jax.train.runs import (
     ADAPTER_NAME,
     CLIP_NORM,
@@ -248,6 +249,7 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         "jax_version": jax.__version__,
         "settings": s.to_dict() | {"out": str(prep.out)},
         "adapter_formats": formats,
+        "environment": run_environment(),  # versions, git revision, CPU / device, peak memory
     }
     io.write_json_atomic(prep.out / "results.json", results)  # before the plot: it may fail
     plot_metrics(read_metrics(prep.out / "metrics.jsonl"), prep.out / "metrics.png",
