@@ -74,6 +74,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add("--warmup", type=float, help="fraction of steps spent warming up")
     add("--eval-every", type=int, help="evaluate every N steps (0: only at the end; default: "
                                        "every epoch)")
+    add("--early-stopping", type=int, metavar="PATIENCE",
+        help="stop when the validation loss has not improved for PATIENCE evaluations (default: 0, off)")
     add("--log-every", type=int, help="a progress line every N steps")
     add("--eval-batch-size", type=int)
     add("--eval-rows", type=int, metavar="N",

@@ -110,7 +110,9 @@ def _format(record: Mapping[str, Any], total: int | None) -> str:
     for key, value in record.items():
         if key == "step" or not isinstance(value, (int, float)):
             continue
-        if key == "tokens_per_s":
+        if isinstance(value, bool):
+            parts.append(key.replace("_", " ") if value else f"not {key.replace('_', ' ')}")
+        elif key == "tokens_per_s":
             parts.append(f"{value:,.0f} tok/s")
         elif key == "elapsed_s":
             parts.append(f"{value:.1f}s")
@@ -127,7 +129,8 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
         log: Callable[[str], None] | None = print, metrics_log: MetricsLog | None = None,
         rng: jax.Array | None = None, start_step: int = 0,
         checkpointer: Checkpointer | None = None, save_every: int = 0,
-        progress: bool | None = None) -> FitResult:
+        progress: bool | None = None,
+        should_stop: Callable[[int, dict[str, Any]], bool] | None = None) -> FitResult:
     """Trains until ``num_steps`` steps have run or ``batches`` is exhausted.
 
     Args:
@@ -153,6 +156,9 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
             ``checkpointer``.
         progress: draw a `ProgressBar` on standard output (``None``: when ``log`` is set and
             standard output is a terminal).
+        should_stop: called as ``should_stop(step, eval_results)`` after each periodic
+            evaluation; ``True`` ends training there (`peft_jax.train.early_stopping`), with a
+            ``{"step", "stopped_early": True}`` record and a checkpoint of that step.
 
     Returns:
         A `FitResult`.
@@ -243,7 +249,10 @@ def fit(step_fn: Callable[..., Any], trainable: Any, opt_state: Any, frozen: Any
                 saved_at = step
             if evaluate is not None and eval_every and step % eval_every == 0:
                 last_eval, evaluated_at = run_eval(step), step
-        if n_in_interval:  # the iterable ended between two log points
+                if should_stop is not None and should_stop(step, last_eval):
+                    record({"step": step, "stopped_early": True})
+                    break
+        if n_in_interval:  # the iterable ended (or training stopped) between two log points
             record({"step": step, **epoch_of(step),
                     **{k: v / n_in_interval for k, v in sums.items()},
                     "tokens_per_s": tokens / max(interval_s, 1e-9), "elapsed_s": train_s})

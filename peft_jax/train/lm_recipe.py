@@ -47,6 +47,7 @@ from peft_jax.train.runs import (
     resume_step,
     run_mesh,
     save_adapter,
+    stopped_early_at,
     train,
     train_step,
 )
@@ -189,6 +190,7 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         "steps": result.step,
         "epochs": result.step / steps_per_epoch,
         "resumed_from_step": prep.resume_step,
+        "stopped_early_at": stopped_early_at(prep.out),
         "train_seconds": result.train_seconds,
         "baseline_seconds": baseline_seconds,
         "wall_seconds": time.perf_counter() - t_start,

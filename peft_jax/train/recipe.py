@@ -64,6 +64,7 @@ from peft_jax.train.runs import (
     resume_step,
     run_mesh,
     save_adapter,
+    stopped_early_at,
     train,
     train_step,
 )
@@ -235,6 +236,7 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         "steps": result.step,
         "epochs": result.step / steps_per_epoch,
         "resumed_from_step": prep.resume_step,
+        "stopped_early_at": stopped_early_at(prep.out),
         "train_seconds": result.train_seconds,
         "baseline_seconds": baseline_seconds,
         "mean_tokens_per_s": float(np.mean(train_tokens)) if train_tokens else None,

@@ -28,6 +28,7 @@ from peft_jax import data, errors, io, models
 from peft_jax.core import Rules
 from peft_jax.train.buckets import LengthBucketedBatches
 from peft_jax.train.checkpoint import Checkpointer, restore_training_state
+from peft_jax.train.early_stopping import EarlyStopping
 from peft_jax.train.fit import fit
 from peft_jax.train.metrics import MetricsLog, read_metrics
 from peft_jax.train.settings import TrainSettings
@@ -35,7 +36,7 @@ from peft_jax.train.sharding import ENCODER_RULES, batch_ways, make_mesh, make_s
 from peft_jax.train.step import make_train_step
 
 __all__ = ["ADAPTER_NAME", "CLIP_NORM", "Prepared", "lr_schedule", "optimizer", "out_dir", "resume_step",
-           "run_mesh", "save_adapter", "train", "train_step"]
+           "run_mesh", "save_adapter", "stopped_early_at", "train", "train_step"]
 
 ADAPTER_NAME = "default"
 
@@ -180,6 +181,10 @@ def train(prep: Prepared, step: Any, trainable: Any, frozen: Any, train_inputs: 
             opt_state = jax.device_put(opt_state, step.opt_state)
         _keep_metrics_until(prep.out / "metrics.jsonl", start)
         say(f"resuming from the checkpoint of step {start} in {prep.checkpoint_dir}")
+    stopping = EarlyStopping(s.early_stopping) if s.early_stopping and evaluate is not None else None
+    if stopping is not None and start and stopping.replay(read_metrics(prep.out / "metrics.jsonl"), start):
+        say(f"the run stopped early at step {stopping.stopped_at}; nothing left to train")
+        num_steps = start
     batches = LengthBucketedBatches(train_inputs, s.batch_size, seed=s.seed, bucket=s.bucket,
                                     position=position)
     epochs = num_steps / batches.steps_per_epoch
@@ -190,9 +195,21 @@ def train(prep: Prepared, step: Any, trainable: Any, frozen: Any, train_inputs: 
         result = fit(step, trainable, opt_state, frozen, batches,
                      num_steps=max(num_steps - start, 0), start_step=start, evaluate=evaluate,
                      eval_every=eval_every, log_every=s.log_every, log=log, metrics_log=metrics,
-                     rng=rng, checkpointer=checkpointer, save_every=s.save_every)
+                     rng=rng, checkpointer=checkpointer, save_every=s.save_every,
+                     should_stop=stopping)
     checkpointer.close()
+    if stopping is not None and stopping.stopped_at is not None:
+        say(f"stopped early at step {stopping.stopped_at}: validation {stopping.metric} has not "
+            f"improved for {stopping.patience} evaluations (best {stopping.best:.4f} at step "
+            f"{stopping.best_step})")
     return result
+
+
+def stopped_early_at(out: Path) -> int | None:
+    """The step at which the run in ``out`` stopped early (its ``metrics.jsonl`` says), if it did."""
+    path = out / "metrics.jsonl"
+    steps = [r["step"] for r in read_metrics(path) if r.get("stopped_early")] if path.exists() else []
+    return steps[-1] if steps else None
 
 
 def save_adapter(model: Any, prep: Prepared, say: Callable[[str], None], *, task_type: str,

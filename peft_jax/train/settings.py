@@ -88,6 +88,8 @@ class TrainSettings:
         eval_every: evaluate every this many steps (``None``: once per epoch; 0: only at the end).
         log_every: a progress line every this many steps.
         eval_batch_size: examples per evaluation forward pass.
+        early_stopping: stop when the validation loss has not improved for this many periodic
+            evaluations in a row (0: never; `peft_jax.train.early_stopping`).
         eval_rows: evaluate on at most this many rows of each held-out split, the first ones
             (``None``: all of them).
         max_length: tokens per text after truncation (a language model's block length).
@@ -136,6 +138,7 @@ class TrainSettings:
     max_length: int = 128
     bucket: int = 32
     eval_rows: int | None = None
+    early_stopping: int = 0
     head_init: str = "probe"
     model_dropout: bool = False
     cache_prefix: bool = True
@@ -170,6 +173,11 @@ class TrainSettings:
             _check_int("eval_every", self.eval_every, minimum=0)
         if self.eval_rows is not None:
             _check_int("eval_rows", self.eval_rows, minimum=1)
+        _check_int("early_stopping", self.early_stopping, minimum=0)
+        if self.early_stopping and (self.val_fraction == 0 or self.eval_every == 0):
+            raise errors.InvalidConfigError(
+                "early stopping watches the validation loss at each periodic evaluation: it needs "
+                "val_fraction > 0 and eval_every != 0")
         for name, low, high in (("alpha", 0.0, None), ("lr", 0.0, None), ("epochs", 0.0, None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
