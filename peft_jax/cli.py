@@ -55,7 +55,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
              "test split is evaluated once, at the end)")
     add("--test-fraction", type=float, metavar="F",
         help="share of a single table's rows held out for testing (default: 0.2)")
-    add("--method", help="PEFT method (lora)")
+    add("--method", help="PEFT method (default: lora); its own options are the --METHOD.FIELD flags "
+                         "below. Known: " + ", ".join(sorted(_method_names())))
     add("--rank", type=int, help="LoRA rank r")
     add("--alpha", type=float, help="LoRA alpha (scale = alpha / r)")
     add("--lora-dropout", type=float, help="dropout on the LoRA input")
@@ -101,7 +102,33 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add("--out", metavar="DIR", help="output directory (default: runs/<timestamp>)")
     add("--overwrite", action="store_true",
         help="allow a non-empty --out directory (its old checkpoints are deleted)")
+    _add_method_options(p)
     p.set_defaults(func=_train)
+
+
+def _method_names() -> list[str]:
+    from peft_jax.train.method_choice import METHOD_CHOICES  # noqa: PLC0415
+
+    return list(METHOD_CHOICES)
+
+
+_OPTION = "method_option:"  # argparse dest prefix of a --METHOD.FIELD flag
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """One group of --METHOD.FIELD flags per method, from its config's fields."""
+    from peft_jax.train.method_choice import METHOD_CHOICES, option_specs  # noqa: PLC0415
+
+    for method, choice in METHOD_CHOICES.items():
+        specs = option_specs(method)
+        if not specs:
+            continue
+        group = p.add_argument_group(f"--method {method} options", choice.description)
+        for spec in specs:
+            kind = (dict(action=argparse.BooleanOptionalAction) if spec.type is bool
+                    else dict(type=spec.type, metavar=spec.type.__name__.upper()))
+            group.add_argument(spec.flag, dest=f"{_OPTION}{method}.{spec.field}",
+                               help=f"default: {spec.default}", **kind)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -244,11 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from peft_jax.models import resolve  # noqa: PLC0415 (keeps `--help` fast)
+    from peft_jax.train.method_choice import options_for  # noqa: PLC0415
     from peft_jax.train.recipe import run  # noqa: PLC0415
     from peft_jax.train.settings import TrainSettings, load_config_file  # noqa: PLC0415
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    given = {tuple(k[len(_OPTION):].split(".", 1)): v for k, v in vars(args).items() if k.startswith(_OPTION)}
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("func", "command", "config") and not k.startswith(_OPTION)}
     file_values = load_config_file(args.config) if "config" in args else {}
+    if given:
+        method = flags.get("method") or file_values.get("method") or TrainSettings.method
+        flags["method_options"] = {**file_values.get("method_options", {}), **options_for(method, given)}
     model = flags.get("model") or file_values.get("model") or TrainSettings.model
     family = resolve(model).family if isinstance(model, str) else "encoder"
     settings = TrainSettings.from_sources(file_values, flags, family=family)

@@ -131,7 +131,7 @@ def _assert_nothing_written(tmp_path, out):
 @pytest.mark.parametrize("flag, value, match", [
     ("--model", "no-such-model", "known names: .*minilm-l6"),
     ("--data", "imdb", r"known datasets: \['fine-foods'\]"),
-    ("--method", "prefix", r"known methods: \['lora'\]"),
+    ("--method", "adapter-of-my-dreams", r"known methods: \[.*'prefix'"),
     ("--targets", "nonexistent_layer", "matched none"),
     ("--rank", "0", "rank"),
     ("--layers", "x-y", "layers must be a layer spec"),

@@ -32,7 +32,6 @@ from flax import nnx
 from peft_jax import errors, io, models
 from peft_jax import nnx as peft_nnx
 from peft_jax.data.lm_data import LanguageModelingData, load_lm_dataset
-from peft_jax.methods import LoraConfig
 from peft_jax.models.generate_text import complete
 from peft_jax.models.lm_tokenizer import load_lm_tokenizer
 from peft_jax.train.lm_loss import make_lm_eval, make_lm_loss
@@ -42,7 +41,9 @@ from peft_jax.train.provenance import run_environment
 from peft_jax.train.runs import (
     ADAPTER_NAME,
     Prepared,
+    describe_method,
     lr_schedule,
+    method_config,
     out_dir,
     resume_step,
     run_mesh,
@@ -90,12 +91,10 @@ def prepare(settings: TrainSettings, checkpoint: models.ResolvedCheckpoint | Non
         raise errors.BatchError(
             f"{settings.data}: {dataset.rows('train')} training rows of {settings.max_length} tokens "
             f"are fewer than --batch-size {settings.batch_size}; give more data or a smaller batch")
-    lora = LoraConfig(targets=settings.target_selector(_num_layers(checkpoint), "decoder"),
-                      rank=settings.rank, alpha=settings.alpha, dropout=settings.lora_dropout,
-                      modules_to_save=settings.modules_to_save_selector() or None)
+    config = method_config(settings, "decoder", _num_layers(checkpoint))
     mesh = run_mesh(settings)
     out = out_dir(settings)
-    return Prepared(settings, checkpoint, dataset, out, lora, mesh, resume_step(settings, out))
+    return Prepared(settings, checkpoint, dataset, out, config, mesh, resume_step(settings, out))
 
 
 def sample_prompts(settings: TrainSettings, dataset: LanguageModelingData, tokenizer: Any,
@@ -132,13 +131,13 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         say(f"--resume: no checkpoint in {prep.checkpoint_dir} yet; starting from step 0")
     tokenizer = load_lm_tokenizer(prep.checkpoint.path)
     model = models.load(prep.checkpoint.path, "float32")
-    peft_nnx.attach(model, prep.lora, rngs=nnx.Rngs(params=s.seed, dropout=s.seed + 1),
+    peft_nnx.attach(model, prep.config, rngs=nnx.Rngs(params=s.seed, dropout=s.seed + 1),
                     name=ADAPTER_NAME)
     summary = peft_nnx.summary(model)
     splits = {name: dataset.rows(name) for name in ("train", "val", "test")}
     say(f"model {s.model} | data {s.data} ({dataset.kind}: {splits['train']} train / "
-        f"{splits['val']} val / {splits['test']} test rows of {s.max_length} tokens) | LoRA "
-        f"r={s.rank} alpha={s.alpha} on {s.targets} | {summary}")
+        f"{splits['val']} val / {splits['test']} test rows of {s.max_length} tokens) | "
+        f"{describe_method(s)} | {summary}")
     if dataset.truncated:
         say(f"{dataset.truncated} example(s) longer than --max-length {s.max_length} were cut")
 
@@ -206,5 +205,5 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     }
     io.write_json_atomic(prep.out / "results.json", results)  # before the plot: it may fail
     plot_metrics(read_metrics(prep.out / "metrics.jsonl"), prep.out / "metrics.png",
-                 title=f"LoRA r={s.rank} on {s.model} / {s.data}", metric="perplexity")
+                 title=f"{describe_method(s)} | {s.model} / {s.data}", metric="perplexity")
     return results

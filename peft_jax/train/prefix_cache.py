@@ -47,7 +47,9 @@ def _layers(model: Any) -> Any:
 
 
 def frozen_depth(model: Any, trainable_paths: Iterable[str]) -> int:
-    """How many bottom layers hold no trainable parameter (0 if the embeddings train).
+    """How many bottom layers hold no trainable parameter: 0 when anything below the layers
+    trains (the embeddings, or the input tap of prompt / P-tuning, which changes every layer's
+    input); what sits above them (the classifier, the pooler) does not count.
 
     Args:
         model: an `peft_jax.models.EncoderForSequenceClassification` (adapters attached).
@@ -63,8 +65,8 @@ def frozen_depth(model: Any, trainable_paths: Iterable[str]) -> int:
         hit = _LAYER.search(path)
         if hit:
             depth = min(depth, int(hit.group(1)))
-        elif "/embeddings/" in f"/{path}":
-            return 0
+        elif not path.startswith("classifier/") and "/pooler/" not in f"/{path}":
+            return 0  # the embeddings, the input tap: below every layer
     return depth
 
 

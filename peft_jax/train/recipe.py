@@ -39,7 +39,6 @@ from flax import nnx
 from peft_jax import data, errors, io, models
 from peft_jax import nnx as peft_nnx
 from peft_jax.core.paths import tree_items
-from peft_jax.methods import LoraConfig
 from peft_jax.train import lm_recipe
 from peft_jax.train.baselines import baselines
 from peft_jax.train.classify import (
@@ -58,7 +57,9 @@ from peft_jax.train.runs import (
     ADAPTER_NAME,
     CLIP_NORM,
     Prepared,
+    describe_method,
     lr_schedule,
+    method_config,
     optimizer,
     out_dir,
     resume_step,
@@ -100,12 +101,10 @@ def prepare(settings: TrainSettings) -> Prepared:
         test_fraction=settings.test_fraction, seed=settings.seed,
     ).with_validation(settings.val_fraction, settings.seed)
     num_layers = models.read_config(checkpoint.path).get("num_hidden_layers")
-    lora = LoraConfig(targets=settings.target_selector(num_layers), rank=settings.rank,
-                      alpha=settings.alpha, dropout=settings.lora_dropout,
-                      modules_to_save=settings.modules_to_save_selector())
+    config = method_config(settings, "encoder", num_layers)
     mesh = run_mesh(settings)
     out = out_dir(settings)
-    return Prepared(settings, checkpoint, dataset, out, lora, mesh, resume_step(settings, out))
+    return Prepared(settings, checkpoint, dataset, out, config, mesh, resume_step(settings, out))
 
 
 def _init_head(model: Any, kernel: np.ndarray, bias: np.ndarray) -> None:
@@ -161,11 +160,11 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     tokenizer = models.load_tokenizer(prep.checkpoint.path)
     model = models.load_encoder(prep.checkpoint.path, "float32", num_labels=dataset.num_labels,
                                 seed=s.seed)
-    peft_nnx.attach(model, prep.lora, rngs=nnx.Rngs(params=s.seed, dropout=s.seed + 1),
+    peft_nnx.attach(model, prep.config, rngs=nnx.Rngs(params=s.seed, dropout=s.seed + 1),
                     name=ADAPTER_NAME)
     summary = peft_nnx.summary(model)
     say(f"model {s.model} | data {s.data} ({len(dataset.train)} train / {len(dataset.val)} "
-        f"val / {len(dataset.test)} test) | LoRA r={s.rank} alpha={s.alpha} on {s.targets}"
+        f"val / {len(dataset.test)} test) | {describe_method(s)}"
         f"{f' layers {s.layers}' if s.layers else ''} | {summary}")
 
     arrays = {name: data.tokenize_examples(tokenizer, examples, s.max_length)
@@ -255,7 +254,7 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     }
     io.write_json_atomic(prep.out / "results.json", results)  # before the plot: it may fail
     plot_metrics(read_metrics(prep.out / "metrics.jsonl"), prep.out / "metrics.png",
-                 title=f"LoRA r={s.rank} on {s.model} / {s.data}",
+                 title=f"{describe_method(s)} | {s.model} / {s.data}",
                  baselines={"linear probe": base.linear_probe_accuracy,
                             "majority": base.majority_accuracy})
     say(report(results))

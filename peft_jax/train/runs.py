@@ -30,12 +30,14 @@ from peft_jax.train.buckets import LengthBucketedBatches
 from peft_jax.train.checkpoint import Checkpointer, restore_training_state
 from peft_jax.train.early_stopping import EarlyStopping
 from peft_jax.train.fit import fit
+from peft_jax.train.method_choice import METHOD_CHOICES, build_method
 from peft_jax.train.metrics import MetricsLog, read_metrics
 from peft_jax.train.settings import TrainSettings
 from peft_jax.train.sharding import ENCODER_RULES, batch_ways, make_mesh, make_sharded_train_step
 from peft_jax.train.step import make_train_step
 
-__all__ = ["ADAPTER_NAME", "CLIP_NORM", "Prepared", "lr_schedule", "optimizer", "out_dir", "resume_step",
+__all__ = ["ADAPTER_NAME", "CLIP_NORM", "Prepared", "describe_method", "lr_schedule", "method_config",
+           "optimizer", "out_dir", "resume_step",
            "run_mesh", "save_adapter", "stopped_early_at", "train", "train_step"]
 
 ADAPTER_NAME = "default"
@@ -50,7 +52,7 @@ class Prepared:
     checkpoint: models.ResolvedCheckpoint
     dataset: Any
     out: Path
-    lora: Any  # the method's config (a LoraConfig)
+    config: Any  # the method's config (`method_config`)
     mesh: Any = None
     resume_step: int | None = None
 
@@ -107,6 +109,29 @@ def resume_step(settings: TrainSettings, out: Path) -> int | None:
 
 
 CLIP_NORM = 1.0  # gradients are clipped to this global norm; the pre-clip norm is logged
+
+
+def method_config(settings: TrainSettings, family: str, num_layers: int | None) -> Any:
+    """The config ``settings.method`` names, on the targets ``settings`` select, with the trained
+    ``modules_to_save`` (`peft_jax.train.method_choice.build_method`)."""
+    return build_method(settings.method, settings.method_options, family=family,
+                        targets=settings.target_selector(num_layers, family),
+                        modules_to_save=settings.modules_to_save_selector(), num_layers=num_layers,
+                        lora=dict(rank=settings.rank, alpha=settings.alpha, dropout=settings.lora_dropout))
+
+
+def describe_method(settings: TrainSettings) -> str:
+    """``"lora r=8 alpha=16.0 on all-linear"``, ``"prefix {'num_virtual_tokens': 10} at the taps"``.
+
+    Example:
+        >>> describe_method(TrainSettings(method="vera", method_options={"rank": 4}))
+        "vera {'rank': 4} on all-linear"
+    """
+    s = settings
+    if s.method in ("lora", "dora", "rslora", "pissa"):
+        return f"{s.method} r={s.rank} alpha={s.alpha} on {s.targets}"
+    where = "at the taps of every layer" if METHOD_CHOICES[s.method].at_taps else f"on {s.targets}"
+    return f"{s.method}{f' {s.method_options}' if s.method_options else ''} {where}"
 
 
 def lr_schedule(settings: TrainSettings, num_steps: int) -> optax.Schedule:

@@ -25,10 +25,9 @@ from peft_jax import errors
 from peft_jax.train.layers import check_layers, parse_layers, restrict_to_layers
 from peft_jax.train.sharding import AXES
 
-__all__ = ["DECODER_TARGET_PRESETS", "LM_DEFAULTS", "METHODS", "PRESETS", "TARGET_PRESETS", "TrainSettings",
+__all__ = ["DECODER_TARGET_PRESETS", "LM_DEFAULTS", "PRESETS", "TARGET_PRESETS", "TrainSettings",
            "load_config_file", "parse_mesh"]
 
-METHODS = ("lora",)
 # Named target sets for BERT-family encoders (peft_jax.models.encoder module names).
 TARGET_PRESETS: dict[str, list[str]] = {
     "attention": ["query", "key", "value", "attention/output/dense"],
@@ -74,7 +73,11 @@ class TrainSettings:
             which periodic evaluation reads (0: no validation split, no periodic evaluation).
             The test split is evaluated once, after the last step.
         test_fraction: for a single table file, the seeded share of rows held out for testing.
-        method: the PEFT method (only ``"lora"`` for now).
+        method: the PEFT method, a `peft_jax.train.method_choice.METHOD_CHOICES` name (``lora``,
+            ``dora``, ``ia3``, ``vera``, ``seq_bn``, ``compacter``, ``prefix``, ...).
+        method_options: the method's own options (``{"rank": 4}`` for ``vera``; the fields of its
+            config, as ``--<method>.<field>`` flags); LoRA variants use ``rank`` / ``alpha`` /
+            ``lora_dropout`` instead.
         rank, alpha, lora_dropout: LoRA hyper-parameters (scale = alpha / rank).
         targets: comma-separated module names, a preset (`TARGET_PRESETS`), or a regex.
         layers: which encoder layers get adapters: ``"top:3"`` (the three highest), ``"3-5"``,
@@ -120,6 +123,7 @@ class TrainSettings:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     method: str = "lora"
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     rank: int = 8
     alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -151,9 +155,14 @@ class TrainSettings:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
+        from peft_jax.train.method_choice import METHOD_CHOICES  # noqa: PLC0415 (no import cycle)
+
+        if self.method not in METHOD_CHOICES:
             raise errors.UnknownNameError(
-                f"unknown method {self.method!r}; known methods: {list(METHODS)}")
+                f"unknown method {self.method!r}; known methods: {sorted(METHOD_CHOICES)}")
+        if not isinstance(self.method_options, Mapping) or not all(
+                isinstance(k, str) for k in self.method_options):
+            raise errors.InvalidConfigError("method_options must map option names to values")
         positive_ints = ("rank", "batch_size", "log_every", "eval_batch_size", "max_length",
                          "bucket")
         for name in positive_ints:

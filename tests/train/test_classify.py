@@ -148,3 +148,6 @@ def test_frozen_depth_with_all_layers_and_embeddings():
     assert frozen_depth(model, ["bert/encoder/layer/0/attention/self/query/x"]) == 0
     assert frozen_depth(model, ["classifier/trained/default/kernel"]) == 3
     assert frozen_depth(model, ["bert/embeddings/word_embeddings/default/lora_a"]) == 0
+    # prompt tuning trains the input tap: every layer sees its tokens, nothing can be cached
+    assert frozen_depth(model, ["bert/input_tap/default/prompt_embeddings",
+                                "classifier/default/kernel"]) == 0

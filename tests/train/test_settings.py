@@ -83,8 +83,10 @@ def test_bad_values(values, match):
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(errors.UnknownNameError, match="lora"):
-        TrainSettings(method="prefix")
+    with pytest.raises(errors.UnknownNameError, match="known methods: .*'lora'.*'prefix'"):
+        TrainSettings(method="adapter-of-my-dreams")
+    with pytest.raises(errors.InvalidConfigError, match="method_options"):
+        TrainSettings(method="vera", method_options=[("rank", 4)])
 
 
 def test_config_files(tmp_path):
