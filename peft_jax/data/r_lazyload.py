@@ -70,10 +70,10 @@ class _Reader:
         if kind == _LIST:  # pairlist (attributes): {tag: value}
             out = {}
             while kind == _LIST:
-                attr = self.item() if has_attr else None
+                if has_attr:
+                    self.item()  # a pairlist cell's own attributes are read past, not kept
                 tag = self.item() if has_tag else None
                 out[tag] = self.item()
-                del attr  # a pairlist cell's own attributes are not kept
                 (flags,) = self.ints(1)
                 kind, has_attr, has_tag = flags & 0xFF, bool(flags & 0x200), bool(flags & 0x400)
             return out  # the terminating NILVALUE was read
@@ -85,9 +85,7 @@ class _Reader:
             out = list(struct.unpack_from(f">{n}d", self.raw, self.pos))
             self.pos += 8 * n
             value: Any = out
-        elif kind == _STR:
-            value = [self.item() for _ in range(self.length())]
-        elif kind == _VEC:
+        elif kind in (_STR, _VEC):
             value = [self.item() for _ in range(self.length())]
         else:
             raise DataError(f"R serialization type {kind} is not supported by this reader")

@@ -29,15 +29,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from peft_jax import errors, io, models
+from peft_jax import errors, models
 from peft_jax import nnx as peft_nnx
 from peft_jax.data.lm_data import LanguageModelingData, load_lm_dataset
 from peft_jax.models.generate_text import complete
 from peft_jax.models.lm_tokenizer import load_lm_tokenizer
 from peft_jax.train.lm_loss import make_lm_eval, make_lm_loss
-from peft_jax.train.metrics import plot_metrics, read_metrics
 from peft_jax.train.parts import split_model
-from peft_jax.train.provenance import run_environment
 from peft_jax.train.runs import (
     ADAPTER_NAME,
     Prepared,
@@ -47,10 +45,11 @@ from peft_jax.train.runs import (
     out_dir,
     resume_step,
     run_mesh,
+    run_record,
     save_adapter,
-    stopped_early_at,
     train,
     train_step,
+    write_results,
 )
 from peft_jax.train.settings import TrainSettings
 from peft_jax.train.sharding import DECODER_RULES
@@ -94,7 +93,8 @@ def prepare(settings: TrainSettings, checkpoint: models.ResolvedCheckpoint | Non
     config = method_config(settings, "decoder", _num_layers(checkpoint))
     mesh = run_mesh(settings)
     out = out_dir(settings)
-    return Prepared(settings, checkpoint, dataset, out, config, mesh, resume_step(settings, out))
+    return Prepared(settings, checkpoint, dataset, out, config, mesh, resume_step(settings, out),
+                    tokenizer=tokenizer)
 
 
 def sample_prompts(settings: TrainSettings, dataset: LanguageModelingData, tokenizer: Any,
@@ -129,7 +129,7 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
     s, dataset = settings, prep.dataset
     if s.resume and prep.resume_step is None:
         say(f"--resume: no checkpoint in {prep.checkpoint_dir} yet; starting from step 0")
-    tokenizer = load_lm_tokenizer(prep.checkpoint.path)
+    tokenizer = prep.tokenizer
     model = models.load(prep.checkpoint.path, "float32")
     peft_nnx.attach(model, prep.config, rngs=nnx.Rngs(params=s.seed, dropout=s.seed + 1),
                     name=ADAPTER_NAME)
@@ -188,22 +188,10 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
                     for p, b, a in zip(prompts, samples_before, samples_after, strict=True)],
         "steps": result.step,
         "epochs": result.step / steps_per_epoch,
-        "resumed_from_step": prep.resume_step,
-        "stopped_early_at": stopped_early_at(prep.out),
-        "train_seconds": result.train_seconds,
         "baseline_seconds": baseline_seconds,
-        "wall_seconds": time.perf_counter() - t_start,
         "num_rows": splits,
         "truncated_examples": dataset.truncated,
-        "backend": jax.default_backend(),
-        "device_count": jax.device_count(),
-        "mesh": dict(prep.mesh.shape) if prep.mesh is not None else None,
-        "jax_version": jax.__version__,
-        "settings": s.to_dict() | {"out": str(prep.out)},
-        "adapter_formats": formats,
-        "environment": run_environment(),  # versions, git revision, CPU / device, peak memory
+        **run_record(prep, result, formats, t_start),
     }
-    io.write_json_atomic(prep.out / "results.json", results)  # before the plot: it may fail
-    plot_metrics(read_metrics(prep.out / "metrics.jsonl"), prep.out / "metrics.png",
-                 title=f"{describe_method(s)} | {s.model} / {s.data}", metric="perplexity")
+    write_results(prep, results, metric="perplexity")
     return results

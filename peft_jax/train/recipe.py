@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from peft_jax import data, errors, io, models
+from peft_jax import data, errors, models
 from peft_jax import nnx as peft_nnx
 from peft_jax.core.paths import tree_items
 from peft_jax.train import lm_recipe
@@ -49,10 +49,8 @@ from peft_jax.train.classify import (
     make_classification_loss,
 )
 from peft_jax.train.head_init import fit_linear_head
-from peft_jax.train.metrics import plot_metrics, read_metrics
 from peft_jax.train.parts import split_model
 from peft_jax.train.prefix_cache import PrefixForward, cache_prefix, frozen_depth
-from peft_jax.train.provenance import run_environment
 from peft_jax.train.runs import (
     ADAPTER_NAME,
     CLIP_NORM,
@@ -64,10 +62,11 @@ from peft_jax.train.runs import (
     out_dir,
     resume_step,
     run_mesh,
+    run_record,
     save_adapter,
-    stopped_early_at,
     train,
     train_step,
+    write_results,
 )
 from peft_jax.train.scores import classification_scores
 from peft_jax.train.settings import TrainSettings
@@ -234,29 +233,16 @@ def run(settings: TrainSettings, *, log: Callable[[str], None] | None = print) -
         "linear_probe_accuracy": base.linear_probe_accuracy,
         "steps": result.step,
         "epochs": result.step / steps_per_epoch,
-        "resumed_from_step": prep.resume_step,
-        "stopped_early_at": stopped_early_at(prep.out),
-        "train_seconds": result.train_seconds,
         "baseline_seconds": baseline_seconds,
         "mean_tokens_per_s": float(np.mean(train_tokens)) if train_tokens else None,
         "prefix_cache_depth": getattr(forward, "depth", 0),
-        "wall_seconds": time.perf_counter() - t_start,
         "num_train": len(dataset.train),
         "num_val": len(dataset.val),
         "num_test": len(dataset.test),
-        "backend": jax.default_backend(),
-        "device_count": jax.device_count(),
-        "mesh": dict(prep.mesh.shape) if prep.mesh is not None else None,
-        "jax_version": jax.__version__,
-        "settings": s.to_dict() | {"out": str(prep.out)},
-        "adapter_formats": formats,
-        "environment": run_environment(),  # versions, git revision, CPU / device, peak memory
+        **run_record(prep, result, formats, t_start),
     }
-    io.write_json_atomic(prep.out / "results.json", results)  # before the plot: it may fail
-    plot_metrics(read_metrics(prep.out / "metrics.jsonl"), prep.out / "metrics.png",
-                 title=f"{describe_method(s)} | {s.model} / {s.data}",
-                 baselines={"linear probe": base.linear_probe_accuracy,
-                            "majority": base.majority_accuracy})
+    write_results(prep, results, baselines={"linear probe": base.linear_probe_accuracy,
+                                            "majority": base.majority_accuracy})
     say(report(results))
     return results
 

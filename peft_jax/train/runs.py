@@ -31,14 +31,16 @@ from peft_jax.train.checkpoint import Checkpointer, restore_training_state
 from peft_jax.train.early_stopping import EarlyStopping
 from peft_jax.train.fit import fit
 from peft_jax.train.method_choice import METHOD_CHOICES, build_method
-from peft_jax.train.metrics import MetricsLog, read_metrics
+from peft_jax.train.metrics import MetricsLog, plot_metrics, read_metrics
+from peft_jax.train.provenance import run_environment
 from peft_jax.train.settings import TrainSettings
 from peft_jax.train.sharding import ENCODER_RULES, batch_ways, make_mesh, make_sharded_train_step
 from peft_jax.train.step import make_train_step
 
 __all__ = ["ADAPTER_NAME", "CLIP_NORM", "Prepared", "describe_method", "lr_schedule", "method_config",
            "optimizer", "out_dir", "resume_step",
-           "run_mesh", "save_adapter", "stopped_early_at", "train", "train_step"]
+           "run_mesh", "run_record", "save_adapter", "stopped_early_at", "train", "train_step",
+           "write_results"]
 
 ADAPTER_NAME = "default"
 
@@ -55,6 +57,7 @@ class Prepared:
     config: Any  # the method's config (`method_config`)
     mesh: Any = None
     resume_step: int | None = None
+    tokenizer: Any = None  # when ``prepare`` already loaded it (to tokenize the data)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -235,6 +238,33 @@ def stopped_early_at(out: Path) -> int | None:
     path = out / "metrics.jsonl"
     steps = [r["step"] for r in read_metrics(path) if r.get("stopped_early")] if path.exists() else []
     return steps[-1] if steps else None
+
+
+def run_record(prep: Prepared, result: Any, formats: list[str], t_start: float) -> dict[str, Any]:
+    """The part of ``results.json`` every recipe writes: resume / early-stop steps, times, the
+    device and mesh, every setting, the adapter formats and `run_environment`."""
+    return {
+        "resumed_from_step": prep.resume_step,
+        "stopped_early_at": stopped_early_at(prep.out),
+        "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "mesh": dict(prep.mesh.shape) if prep.mesh is not None else None,
+        "jax_version": jax.__version__,
+        "settings": prep.settings.to_dict() | {"out": str(prep.out)},
+        "adapter_formats": formats,
+        "environment": run_environment(),  # versions, git revision, CPU / device, peak memory
+    }
+
+
+def write_results(prep: Prepared, results: dict[str, Any], **plot: Any) -> None:
+    """Writes ``results.json`` (atomically), then ``metrics.png`` (`plot_metrics` with ``plot``):
+    in that order, so a missing or broken matplotlib never loses the results."""
+    io.write_json_atomic(prep.out / "results.json", results)
+    s = prep.settings
+    plot_metrics(read_metrics(prep.out / "metrics.jsonl"), prep.out / "metrics.png",
+                 title=f"{describe_method(s)} | {s.model} / {s.data}", **plot)
 
 
 def save_adapter(model: Any, prep: Prepared, say: Callable[[str], None], *, task_type: str,
